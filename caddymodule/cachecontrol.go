@@ -1,0 +1,188 @@
+package caddymodule
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// cacheControl holds the Cache-Control directives Shield acts on (RFC 9111 §5.2).
+// A negative duration means the directive is absent.
+type cacheControl struct {
+	maxAge               time.Duration
+	sMaxAge              time.Duration
+	maxStale             time.Duration // request only; maxStaleAny when given without a value
+	minFresh             time.Duration // request only
+	staleWhileRevalidate time.Duration // RFC 5861
+	staleIfError         time.Duration // RFC 5861
+
+	noStore         bool
+	noCache         bool
+	private         bool
+	public          bool
+	mustRevalidate  bool
+	proxyRevalidate bool
+	mustUnderstand  bool
+	onlyIfCached    bool // request only
+	noTransform     bool
+
+	// conflicting is set when a freshness directive appears twice with
+	// different values: RFC 9111 §4.2.1 lets a cache treat that as stale.
+	conflicting bool
+}
+
+// maxStaleAny stands for a max-stale without a value: any staleness is accepted.
+const maxStaleAny = time.Duration(1<<63 - 1)
+
+// maxDelta caps delta-seconds values (RFC 9111 §1.2.2: 2^31 seconds).
+const maxDelta = 2147483648 * time.Second
+
+// parseCacheControl parses every Cache-Control field line. Unknown directives
+// are ignored, as RFC 9111 §5.2 requires; a malformed value disables only its
+// own directive, except that a malformed max-age/s-maxage makes the response
+// stale rather than fresh (the safe reading for the origin's intent).
+func parseCacheControl(values []string) cacheControl {
+	cc := cacheControl{
+		maxAge: -1, sMaxAge: -1, maxStale: -1, minFresh: -1,
+		staleWhileRevalidate: -1, staleIfError: -1,
+	}
+	for _, line := range values {
+		for len(line) > 0 {
+			var item string
+			item, line = nextDirective(line)
+			name, value, hasValue := strings.Cut(item, "=")
+			name = strings.ToLower(strings.TrimSpace(name))
+			value = strings.TrimSpace(value)
+			if hasValue {
+				value = unquote(value)
+			}
+			switch name {
+			case "max-age":
+				cc.maxAge = cc.setDelta(cc.maxAge, value, hasValue)
+			case "s-maxage":
+				cc.sMaxAge = cc.setDelta(cc.sMaxAge, value, hasValue)
+			case "max-stale":
+				if !hasValue {
+					cc.maxStale = maxStaleAny
+				} else if d, ok := parseDelta(value); ok {
+					cc.maxStale = d
+				}
+			case "min-fresh":
+				if d, ok := parseDelta(value); ok && hasValue {
+					cc.minFresh = d
+				}
+			case "stale-while-revalidate":
+				if d, ok := parseDelta(value); ok && hasValue {
+					cc.staleWhileRevalidate = d
+				}
+			case "stale-if-error":
+				if d, ok := parseDelta(value); ok && hasValue {
+					cc.staleIfError = d
+				}
+			case "no-store":
+				cc.noStore = true
+			case "no-cache":
+				// The qualified form (no-cache="field") allows storing without
+				// those fields; Shield takes the stricter unqualified meaning.
+				cc.noCache = true
+			case "private":
+				cc.private = true
+			case "public":
+				cc.public = true
+			case "must-revalidate":
+				cc.mustRevalidate = true
+			case "proxy-revalidate":
+				cc.proxyRevalidate = true
+			case "must-understand":
+				cc.mustUnderstand = true
+			case "only-if-cached":
+				cc.onlyIfCached = true
+			case "no-transform":
+				cc.noTransform = true
+			}
+		}
+	}
+	return cc
+}
+
+// setDelta records a freshness delta; a second, different value marks the
+// header as conflicting, and a malformed one counts as zero (stale).
+func (cc *cacheControl) setDelta(prev time.Duration, value string, hasValue bool) time.Duration {
+	d, ok := parseDelta(value)
+	if !hasValue || !ok {
+		d = 0
+	}
+	if prev >= 0 && prev != d {
+		cc.conflicting = true
+		return min(prev, d)
+	}
+	return d
+}
+
+// nextDirective splits off one comma-separated directive, honouring quoted strings.
+func nextDirective(s string) (item, rest string) {
+	inQuote := false
+	for i := 0; i < len(s); i++ {
+		switch s[i] {
+		case '"':
+			inQuote = !inQuote
+		case '\\':
+			if inQuote {
+				i++
+			}
+		case ',':
+			if !inQuote {
+				return s[:i], s[i+1:]
+			}
+		}
+	}
+	return s, ""
+}
+
+func unquote(v string) string {
+	if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+		return v[1 : len(v)-1]
+	}
+	return v
+}
+
+// parseDelta parses delta-seconds (RFC 9111 §1.2.2): digits only, capped at 2^31.
+func parseDelta(v string) (time.Duration, bool) {
+	if v == "" {
+		return 0, false
+	}
+	for i := 0; i < len(v); i++ {
+		if v[i] < '0' || v[i] > '9' {
+			return 0, false
+		}
+	}
+	if len(v) > 10 {
+		return maxDelta, true
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	d := time.Duration(n) * time.Second
+	return min(d, maxDelta), true
+}
+
+// parseHTTPDate parses an HTTP-date in any of the three formats of RFC 9110 §5.6.7.
+func parseHTTPDate(v string) (time.Time, bool) {
+	t, err := http.ParseTime(strings.TrimSpace(v))
+	return t, err == nil
+}
+
+// headerTokens reports the comma-separated, lower-cased tokens of header lines.
+func headerTokens(values []string) []string {
+	var out []string
+	for _, line := range values {
+		for _, tok := range strings.Split(line, ",") {
+			if tok = strings.TrimSpace(tok); tok != "" {
+				out = append(out, strings.ToLower(tok))
+			}
+		}
+	}
+	return out
+}

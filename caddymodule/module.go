@@ -1,0 +1,365 @@
+// Package caddymodule is Shield: a Caddy HTTP handler that caches the GET and
+// HEAD responses of the handlers after it (usually reverse_proxy) to protect
+// the origin: per-route freshness, coalesced misses, stale serving and an
+// origin fetch budget.
+package caddymodule
+
+import (
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults for the block's options.
+const (
+	defaultMemory          = 128 << 20
+	defaultMaxObjectSize   = 1 << 20
+	defaultZone            = "default"
+	defaultTagHeader       = "Surrogate-Key"
+	defaultMaxWait         = 5 * time.Second
+	defaultOriginTimeout   = 30 * time.Second
+	defaultUncacheableHint = 30 * time.Second
+)
+
+// Handler caches GET and HEAD responses from the handlers after it.
+type Handler struct {
+	// Zone names the cache this block uses. Blocks naming the same zone share
+	// its memory and origin budget. Default: "default".
+	Zone string `json:"zone,omitempty"`
+	// Memory bounds the zone's store, in bytes. Default: 128MiB.
+	Memory int64 `json:"memory,omitempty"`
+	// MaxObjectSize is the largest response body stored, in bytes; larger ones
+	// stream to the client uncached. Default: 1MiB.
+	MaxObjectSize int64 `json:"max_object_size,omitempty"`
+	// OriginRate is the token-bucket refill of the zone's origin fetches, as
+	// "<n>/<s|m|h>" (e.g. "50/s"). Default: unlimited.
+	OriginRate string `json:"origin_rate,omitempty"`
+	// OriginBurst is the bucket's size. Default: one second of OriginRate.
+	OriginBurst int `json:"origin_burst,omitempty"`
+	// OriginConcurrency bounds the zone's origin fetches in flight. Default: unlimited.
+	OriginConcurrency int `json:"origin_concurrency,omitempty"`
+	// TagHeader is the response header carrying space-separated surrogate keys
+	// (for purge by tag); it is removed before responses reach clients.
+	// Default: Surrogate-Key.
+	TagHeader string `json:"tag_header,omitempty"`
+
+	// The block's rule options: the defaults of every rule and the policy of
+	// paths no rule matches.
+	RuleOptions
+
+	// Rules are tried in order; the first whose path matches applies.
+	Rules []Rule `json:"rules,omitempty"`
+
+	logger    *zap.Logger
+	zone      *zone
+	zoneKey   string // set once the zone was acquired; Cleanup releases only this
+	tagHeader string
+	defaults  policy
+	rules     []compiledRule
+}
+
+// RuleOptions are the options a rule sets; unset ones come from the block.
+type RuleOptions struct {
+	// TTL is the freshness lifetime when the origin gives none (with
+	// origin_cache_control honor) or always (with ignore). Default: 0.
+	TTL *caddy.Duration `json:"ttl,omitempty"`
+	// StaleWhileRevalidate serves a stale entry at once for this long past its
+	// lifetime while one background fetch refreshes it. Default: 0.
+	StaleWhileRevalidate *caddy.Duration `json:"stale_while_revalidate,omitempty"`
+	// StaleIfError serves a stale entry for this long past its lifetime when
+	// the origin fails or the origin budget is spent. Default: 0.
+	StaleIfError *caddy.Duration `json:"stale_if_error,omitempty"`
+	// Bypass never caches the route (payments, permissions).
+	Bypass *bool `json:"bypass,omitempty"`
+	// OriginCacheControl is "honor" (default) or "ignore": with ignore the
+	// rule's ttl and stale windows win over the origin's freshness directives.
+	// no-store, private, Set-Cookie and Authorization always forbid storing.
+	OriginCacheControl string `json:"origin_cache_control,omitempty"`
+	// ClientCacheControl is "ignore" (default) or "honor": with ignore a client's
+	// no-cache or max-age=0 cannot force an origin fetch.
+	ClientCacheControl string `json:"client_cache_control,omitempty"`
+	// MaxWait is the longest a client waits for a shared fetch or for the
+	// origin budget. Default: 5s.
+	MaxWait *caddy.Duration `json:"max_wait,omitempty"`
+	// OriginTimeout bounds one origin fetch, whoever waits for it. Default: 30s.
+	OriginTimeout *caddy.Duration `json:"origin_timeout,omitempty"`
+}
+
+// Rule applies options to the requests whose path matches.
+type Rule struct {
+	// Path patterns, with Caddy's path matcher syntax (/users/*, *.json, /exact).
+	Path caddyhttp.MatchPath `json:"path"`
+	RuleOptions
+}
+
+type compiledRule struct {
+	match caddyhttp.MatchPath
+	pol   policy
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.shield",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision resolves the rules and acquires the zone, last, so that a failing
+// Provision leaves nothing to release.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.Zone == "" {
+		h.Zone = defaultZone
+	}
+	if h.Memory == 0 {
+		h.Memory = defaultMemory
+	}
+	if h.MaxObjectSize == 0 {
+		h.MaxObjectSize = defaultMaxObjectSize
+	}
+	h.tagHeader = http.CanonicalHeaderKey(h.TagHeader)
+	if h.TagHeader == "" {
+		h.tagHeader = defaultTagHeader
+	}
+	perSecond, err := parseRate(h.OriginRate)
+	if err != nil {
+		return err
+	}
+	if h.OriginBurst < 0 || h.OriginConcurrency < 0 {
+		return fmt.Errorf("origin_burst and origin_concurrency cannot be negative")
+	}
+	burst := h.OriginBurst
+	if burst == 0 && perSecond > 0 {
+		burst = max(1, int(math.Ceil(perSecond)))
+	}
+
+	base := policy{
+		name: "default", maxWait: defaultMaxWait, originTimeout: defaultOriginTimeout,
+		uncacheableHint: defaultUncacheableHint,
+	}
+	if h.defaults, err = base.with(h.RuleOptions); err != nil {
+		return fmt.Errorf("block options: %w", err)
+	}
+	h.rules = nil
+	for i, rule := range h.Rules {
+		if len(rule.Path) == 0 {
+			return fmt.Errorf("rule %d: no path pattern", i)
+		}
+		if err := rule.Path.Provision(ctx); err != nil {
+			return fmt.Errorf("rule %d: %w", i, err)
+		}
+		pol, err := h.defaults.with(rule.RuleOptions)
+		if err != nil {
+			return fmt.Errorf("rule %s: %w", strings.Join(rule.Path, " "), err)
+		}
+		pol.name = strings.Join(rule.Path, " ")
+		h.rules = append(h.rules, compiledRule{match: rule.Path, pol: pol})
+	}
+
+	shape := zoneShape{name: h.Zone, memory: h.Memory, maxObject: h.MaxObjectSize}
+	effective, err := claimZone(ctx, shape, budgetShape{perSecond, burst, h.OriginConcurrency})
+	if err != nil {
+		return err
+	}
+	key := shape.poolKey()
+	val, _, err := zones.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newZone(shape, h.logger)
+	})
+	if err != nil {
+		return fmt.Errorf("creating zone %q: %w", h.Zone, err)
+	}
+	h.zone, h.zoneKey = val.(*zone), key
+	h.zone.logger.Store(h.logger)
+	h.zone.budget.configure(effective.perSecond, effective.burst, effective.concurrency)
+	return nil
+}
+
+// with overlays a rule's options on p and checks them.
+func (p policy) with(o RuleOptions) (policy, error) {
+	set := func(dst *time.Duration, d *caddy.Duration, name string) error {
+		if d == nil {
+			return nil
+		}
+		if *d < 0 {
+			return fmt.Errorf("%s cannot be negative", name)
+		}
+		*dst = time.Duration(*d)
+		return nil
+	}
+	for _, f := range []struct {
+		dst  *time.Duration
+		val  *caddy.Duration
+		name string
+	}{
+		{&p.ttl, o.TTL, "ttl"}, {&p.swr, o.StaleWhileRevalidate, "stale_while_revalidate"},
+		{&p.sie, o.StaleIfError, "stale_if_error"}, {&p.maxWait, o.MaxWait, "max_wait"},
+		{&p.originTimeout, o.OriginTimeout, "origin_timeout"},
+	} {
+		if err := set(f.dst, f.val, f.name); err != nil {
+			return p, err
+		}
+	}
+	if o.Bypass != nil {
+		p.bypass = *o.Bypass
+		if p.bypass && o.TTL != nil {
+			return p, fmt.Errorf("ttl on a bypass rule")
+		}
+	}
+	switch o.OriginCacheControl {
+	case "":
+	case "honor":
+		p.ignoreOrigin = false
+	case "ignore":
+		p.ignoreOrigin = true
+	default:
+		return p, fmt.Errorf("origin_cache_control must be honor or ignore, not %q", o.OriginCacheControl)
+	}
+	switch o.ClientCacheControl {
+	case "":
+	case "honor":
+		p.honorClient = true
+	case "ignore":
+		p.honorClient = false
+	default:
+		return p, fmt.Errorf("client_cache_control must be honor or ignore, not %q", o.ClientCacheControl)
+	}
+	if p.maxWait <= 0 {
+		return p, fmt.Errorf("max_wait must be positive")
+	}
+	if p.originTimeout <= 0 {
+		return p, fmt.Errorf("origin_timeout must be positive")
+	}
+	return p, nil
+}
+
+// parseRate reads "<n>/<s|m|h>" into fetches per second; "" is unlimited.
+func parseRate(s string) (float64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	num, unit, ok := strings.Cut(s, "/")
+	n, err := strconv.ParseFloat(num, 64)
+	if !ok || err != nil || n <= 0 || math.IsInf(n, 0) || math.IsNaN(n) {
+		return 0, fmt.Errorf("invalid origin_rate %q: want <n>/<s|m|h>, e.g. 50/s", s)
+	}
+	switch unit {
+	case "s":
+		return n, nil
+	case "m":
+		return n / 60, nil
+	case "h":
+		return n / 3600, nil
+	}
+	return 0, fmt.Errorf("invalid origin_rate %q: unit must be s, m or h", s)
+}
+
+// Validate is a no-op: Provision checks everything it resolves.
+func (h *Handler) Validate() error { return nil }
+
+// Cleanup releases the zone; the last config to let go of it destroys it.
+func (h *Handler) Cleanup() error {
+	if h.zoneKey == "" {
+		return nil
+	}
+	_, err := zones.Delete(h.zoneKey)
+	h.zoneKey = ""
+	return err
+}
+
+// policyFor returns the first matching rule's policy, or the block's defaults.
+func (h *Handler) policyFor(r *http.Request) *policy {
+	for i := range h.rules {
+		if h.rules[i].match.Match(r) {
+			return &h.rules[i].pol
+		}
+	}
+	return &h.defaults
+}
+
+// outcome tells what happened: the Cache-Status header, the
+// {http.shield.status} placeholder and the access log's shield field.
+func (h *Handler) outcome(w http.ResponseWriter, r *http.Request, outcome, status string) {
+	w.Header().Set("Cache-Status", status)
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		repl.Set("http.shield.status", outcome)
+	}
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
+		extra.Set(zap.String("shield", outcome))
+	}
+}
+
+// budgetShape is a zone's origin budget as one block declares it.
+type budgetShape struct {
+	perSecond   float64
+	burst       int
+	concurrency int
+}
+
+// claims records, per config load, the zones its blocks declared, so that two
+// blocks of one config cannot give one zone two sizes or two budgets. A config
+// is identified by its metrics registry, which Caddy makes anew for each load.
+var (
+	claimsMu sync.Mutex
+	claims   = map[any]map[string]zoneClaim{}
+)
+
+type zoneClaim struct {
+	shape  zoneShape
+	budget budgetShape
+}
+
+// claimZone records a block's zone and returns the budget the config gives it:
+// the one a block declares (blocks that declare none share it).
+func claimZone(ctx caddy.Context, shape zoneShape, b budgetShape) (budgetShape, error) {
+	id := any(ctx.GetMetricsRegistry())
+	claimsMu.Lock()
+	defer claimsMu.Unlock()
+	m, ok := claims[id]
+	if !ok {
+		m = map[string]zoneClaim{}
+		claims[id] = m
+		ctx.OnCancel(func() {
+			claimsMu.Lock()
+			delete(claims, id)
+			claimsMu.Unlock()
+		})
+	}
+	prev, ok := m[shape.name]
+	if !ok {
+		m[shape.name] = zoneClaim{shape, b}
+		return b, nil
+	}
+	if prev.shape != shape {
+		return b, fmt.Errorf("zone %q is declared twice with different sizes (memory %d and %d, max_object_size %d and %d)",
+			shape.name, prev.shape.memory, shape.memory, prev.shape.maxObject, shape.maxObject)
+	}
+	switch {
+	case b == (budgetShape{}) || b == prev.budget:
+		return prev.budget, nil
+	case prev.budget == (budgetShape{}):
+		m[shape.name] = zoneClaim{shape, b}
+		return b, nil
+	}
+	return b, fmt.Errorf("zone %q is declared twice with different origin budgets (origin_rate, origin_burst, origin_concurrency)", shape.name)
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

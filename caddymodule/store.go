@@ -1,0 +1,148 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/allegro/bigcache/v3"
+)
+
+// metaAllowance is what an entry may take beyond its body: key, headers, times.
+const metaAllowance = 64 << 10
+
+// store keeps encoded entries in bigcache, bounded in bytes. Freshness lives
+// inside each entry: bigcache's single life window is set beyond any entry's,
+// and space is reclaimed oldest-first when the bound is reached.
+type store struct {
+	bc        *bigcache.BigCache
+	evictions atomic.Uint64
+}
+
+// newStore makes a store of memory bytes able to hold entries of maxEntry bytes.
+func newStore(memory, maxEntry int64) (*store, error) {
+	if memory < 1<<20 {
+		return nil, fmt.Errorf("memory %d is below the minimum of 1MiB", memory)
+	}
+	slot := 4 * (maxEntry + metaAllowance)
+	if memory < slot {
+		return nil, fmt.Errorf("memory %d must be at least four times max_object_size plus 64KiB (%d)", memory, slot)
+	}
+	// Each shard must hold several of the largest entries; more shards mean
+	// less lock contention, so take the most that keep that true.
+	shards := 1
+	for shards < 256 && memory/int64(shards*2) >= slot {
+		shards *= 2
+	}
+	s := &store{}
+	cfg := bigcache.Config{
+		Shards:             shards,
+		LifeWindow:         100 * 365 * 24 * time.Hour,
+		CleanWindow:        0,
+		MaxEntriesInWindow: shards * 64,
+		MaxEntrySize:       1024,
+		HardMaxCacheSize:   int(memory >> 20),
+		Verbose:            false,
+		OnRemoveWithReason: func(_ string, _ []byte, reason bigcache.RemoveReason) {
+			if reason == bigcache.NoSpace {
+				s.evictions.Add(1)
+			}
+		},
+	}
+	bc, err := bigcache.New(context.Background(), cfg)
+	if err != nil {
+		return nil, fmt.Errorf("creating bigcache: %w", err)
+	}
+	s.bc = bc
+	return s, nil
+}
+
+// lookup finds the entry a request selects: the primary record, or through a
+// vary spec the variant for the request's headers. flightKey is the key a
+// fetch for this request coalesces on and stores under.
+func (s *store) lookup(primary string, reqHeader http.Header) (e *entry, flightKey string) {
+	raw, err := s.bc.Get(primary)
+	if err != nil {
+		return nil, primary
+	}
+	switch entryKind(raw) {
+	case kindResponse:
+		e, err := decodeEntry(raw)
+		if err != nil {
+			_ = s.bc.Delete(primary)
+			return nil, primary
+		}
+		return e, primary
+	case kindVarySpec:
+		spec, ok := decodeVarySpec(raw)
+		if !ok {
+			_ = s.bc.Delete(primary)
+			return nil, primary
+		}
+		key, _ := varyKey(primary, spec, reqHeader)
+		raw, err := s.bc.Get(key)
+		if err != nil {
+			return nil, key
+		}
+		e, err := decodeEntry(raw)
+		if err != nil {
+			_ = s.bc.Delete(key)
+			return nil, key
+		}
+		return e, key
+	}
+	_ = s.bc.Delete(primary)
+	return nil, primary
+}
+
+// put stores a response for the request headers that selected it. A response
+// with Vary gets (or reuses) a vary spec under the primary key and is stored
+// under its variant key; one without replaces whatever the primary held.
+func (s *store) put(primary string, reqHeader http.Header, e *entry) error {
+	names := varyNames(e.header)
+	if len(names) == 0 {
+		e.vary = nil
+		return s.set(primary, encodeEntry(e))
+	}
+	var spec varySpec
+	if raw, err := s.bc.Get(primary); err == nil {
+		if old, ok := decodeVarySpec(raw); ok && slices.Equal(old.names, names) {
+			spec = old
+		}
+	}
+	if spec.gen == 0 {
+		spec = varySpec{gen: rand.Uint64() | 1, names: names}
+		if err := s.set(primary, encodeVarySpec(spec)); err != nil {
+			return err
+		}
+	}
+	key, pairs := varyKey(primary, spec, reqHeader)
+	e.vary = pairs
+	return s.set(key, encodeEntry(e))
+}
+
+// putAt rewrites an entry under the exact key it was found at (refresh after 304).
+func (s *store) putAt(key string, e *entry) error {
+	return s.set(key, encodeEntry(e))
+}
+
+func (s *store) set(key string, b []byte) error {
+	if err := s.bc.Set(key, b); err != nil {
+		return fmt.Errorf("storing entry: %w", err)
+	}
+	return nil
+}
+
+// remove drops a key; variants become unreachable with their spec.
+func (s *store) remove(key string) bool {
+	return !errors.Is(s.bc.Delete(key), bigcache.ErrEntryNotFound)
+}
+
+func (s *store) len() int      { return s.bc.Len() }
+func (s *store) capacity() int { return s.bc.Capacity() }
+func (s *store) close() error  { return s.bc.Close() }
