@@ -28,6 +28,7 @@ var (
 type fetchJob struct {
 	next       caddyhttp.Handler
 	req        *http.Request // the request that started the flight; cloned, never used as is
+	owner      *http.Request // the client request the clone was made from: a private answer is its own
 	primary    string
 	key        string // the flight key: primary or a variant key
 	stale      *entry // the stored entry being revalidated, or nil
@@ -36,6 +37,17 @@ type fetchJob struct {
 	tagHeader  string
 	background bool
 	release    func() // budget already held (background refreshes)
+}
+
+// reason names the fetch for metrics.
+func (j *fetchJob) reason() string {
+	switch {
+	case j.background:
+		return "refresh"
+	case j.stale != nil:
+		return "revalidate"
+	}
+	return "miss"
 }
 
 // fetchResult is the immutable outcome of a fetch, shared by every waiter.
@@ -92,7 +104,7 @@ func (z *zone) runFlight(job fetchJob, f *flight) {
 // fetch asks the origin once: budget first (unless already held), then the
 // request on a private writer with its own deadline.
 func (z *zone) fetch(job fetchJob, f *flight) (res *fetchResult) {
-	res = &fetchResult{owner: job.req, reqHeader: job.req.Header}
+	res = &fetchResult{owner: job.owner, reqHeader: job.req.Header}
 	release := job.release
 	if release == nil {
 		ctx, cancel := context.WithTimeout(z.ctx, job.pol.maxWait)
@@ -104,15 +116,20 @@ func (z *zone) fetch(job fetchJob, f *flight) (res *fetchResult) {
 			cancel()
 		}
 		var err error
+		waitStart := time.Now()
 		release, res.retryAfter, err = z.budget.acquire(ctx)
 		cancel()
+		z.metrics.wait.Observe(time.Since(waitStart).Seconds())
 		if err != nil {
+			z.metrics.rejected.Inc()
 			res.err = err
 			return res
 		}
 	}
 	f.markStarted()
 	defer release()
+	fetchStart := time.Now()
+	defer func() { z.metrics.fetch(job.reason(), time.Since(fetchStart)) }()
 
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(job.req.Context()), job.pol.originTimeout)
 	defer cancel()
@@ -210,6 +227,11 @@ func (z *zone) settle(job fetchJob, res *fetchResult) {
 		res.shareable = true
 	}
 	if !dec.storable {
+		if dec.reason == "authorization" || dec.reason == "request-no-store" {
+			// This request's own reason, not the URL's: other clients' requests
+			// stay cacheable and the stored copy stays.
+			return
+		}
 		if res.status < 500 {
 			z.hints.set(job.primary, time.Now().Add(job.pol.uncacheableHint))
 		}

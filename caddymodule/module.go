@@ -5,6 +5,7 @@
 package caddymodule
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"net/http"
@@ -169,14 +170,22 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.rules = append(h.rules, compiledRule{match: rule.Path, pol: pol})
 	}
 
+	if err := registerMetrics(ctx); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
 	shape := zoneShape{name: h.Zone, memory: h.Memory, maxObject: h.MaxObjectSize}
 	effective, err := claimZone(ctx, shape, budgetShape{perSecond, burst, h.OriginConcurrency})
 	if err != nil {
 		return err
 	}
 	key := shape.poolKey()
+	previous := zoneNamed(shape.name, key) // looked up first: the pool is locked while constructing
 	val, _, err := zones.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newZone(shape, h.logger)
+		z, err := newZone(shape, h.logger)
+		if err == nil && previous != nil {
+			z.inherit(previous)
+		}
+		return z, err
 	})
 	if err != nil {
 		return fmt.Errorf("creating zone %q: %w", h.Zone, err)
@@ -293,6 +302,8 @@ func (h *Handler) policyFor(r *http.Request) *policy {
 // {http.shield.status} placeholder and the access log's shield field.
 func (h *Handler) outcome(w http.ResponseWriter, r *http.Request, outcome, status string) {
 	w.Header().Set("Cache-Status", status)
+	h.zone.counts.add(outcome)
+	h.zone.metrics.request(outcome, statusReason(status))
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		repl.Set("http.shield.status", outcome)
 	}
@@ -331,7 +342,8 @@ func claimZone(ctx caddy.Context, shape zoneShape, b budgetShape) (budgetShape, 
 	if !ok {
 		m = map[string]zoneClaim{}
 		claims[id] = m
-		ctx.OnCancel(func() {
+		// The config's context ends when the config is unloaded.
+		context.AfterFunc(ctx, func() {
 			claimsMu.Lock()
 			delete(claims, id)
 			claimsMu.Unlock()

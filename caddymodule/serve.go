@@ -23,8 +23,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
 	case http.MethodOptions, http.MethodTrace, http.MethodConnect:
+		h.outcome(w, r, "bypass", "shield; fwd=method") // RFC 9211: the method is never served from cache
 		return next.ServeHTTP(w, r)
 	default:
+		h.outcome(w, r, "bypass", "shield; fwd=method")
 		return h.serveUnsafe(w, r, next)
 	}
 	pol := h.policyFor(r)
@@ -184,7 +186,7 @@ func (h *Handler) newJob(r *http.Request, next caddyhttp.Handler, pol *policy, p
 		}
 	}
 	return fetchJob{
-		next: next, req: out, primary: primary, key: key, stale: stale, pol: pol,
+		next: next, req: out, owner: r, primary: primary, key: key, stale: stale, pol: pol,
 		maxObject: h.MaxObjectSize, tagHeader: h.tagHeader,
 	}
 }
@@ -247,13 +249,18 @@ func (h *Handler) maybeRefreshEarly(r *http.Request, next caddyhttp.Handler, pol
 // passThrough sends the client's own request to the origin, within the budget,
 // streaming the answer; nothing is stored.
 func (h *Handler) passThrough(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, pol *policy, outcome, status string) error {
+	z := h.zone
 	ctx, cancel := context.WithTimeout(r.Context(), pol.maxWait)
-	release, retryAfter, err := h.zone.budget.acquire(ctx)
+	waitStart := time.Now()
+	release, retryAfter, err := z.budget.acquire(ctx)
 	cancel()
+	z.metrics.wait.Observe(time.Since(waitStart).Seconds())
 	if err != nil {
+		z.metrics.rejected.Inc()
 		return h.reject(w, r, http.StatusServiceUnavailable, "origin-budget", retryAfter, err)
 	}
 	defer release()
+	z.metrics.fetch("pass", 0)
 	h.outcome(w, r, outcome, status)
 	return next.ServeHTTP(h.hideTags(w), r)
 }

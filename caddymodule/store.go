@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -146,3 +147,64 @@ func (s *store) remove(key string) bool {
 func (s *store) len() int      { return s.bc.Len() }
 func (s *store) capacity() int { return s.bc.Capacity() }
 func (s *store) close() error  { return s.bc.Close() }
+
+// primaryOf returns the URL part of a record's key (variant keys add a suffix).
+func primaryOf(key string) string {
+	if i := strings.IndexByte(key, 0); i >= 0 {
+		return key[:i]
+	}
+	return key
+}
+
+// collect returns the keys of the records for which match is true; match sees
+// each record's key and encoding. The store may change meanwhile: callers act
+// on the keys afterwards, and a key gone by then is simply skipped.
+func (s *store) collect(match func(key string, raw []byte) bool) []string {
+	var keys []string
+	it := s.bc.Iterator()
+	for it.SetNext() {
+		info, err := it.Value()
+		if err != nil {
+			continue
+		}
+		if match(info.Key(), info.Value()) {
+			keys = append(keys, info.Key())
+		}
+	}
+	return keys
+}
+
+// purge removes the keys (hard) or marks the response records among them
+// stale (soft), and returns how many records were affected. Soft purges leave
+// vary specs alone: the variants they point to are marked themselves.
+func (s *store) purge(keys []string, soft bool) int {
+	n := 0
+	for _, k := range keys {
+		if !soft {
+			if s.remove(k) {
+				n++
+			}
+			continue
+		}
+		raw, err := s.bc.Get(k)
+		if err != nil || entryKind(raw) != kindResponse {
+			continue
+		}
+		e, err := decodeEntry(raw)
+		if err != nil {
+			continue
+		}
+		e.softPurged = true
+		if s.set(k, encodeEntry(e)) == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// reset empties the store and returns how many records it held.
+func (s *store) reset() int {
+	n := s.bc.Len()
+	_ = s.bc.Reset()
+	return n
+}

@@ -44,7 +44,36 @@ type zone struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	hits, misses atomic.Uint64 // for stats
+	counts  outcomeCounts // for /shield/stats
+	metrics *zoneMetrics
+}
+
+// outcomeCounts counts the zone's answers by outcome.
+type outcomeCounts struct {
+	hits, stale, misses, coalesced, rejected atomic.Uint64
+}
+
+type countsSnapshot struct {
+	hits, stale, misses, coalesced, rejected uint64
+}
+
+func (c *outcomeCounts) add(outcome string) {
+	switch outcome {
+	case "hit":
+		c.hits.Add(1)
+	case "stale":
+		c.stale.Add(1)
+	case "miss", "uncacheable":
+		c.misses.Add(1)
+	case "coalesced":
+		c.coalesced.Add(1)
+	case "rejected":
+		c.rejected.Add(1)
+	}
+}
+
+func (c *outcomeCounts) snapshot() countsSnapshot {
+	return countsSnapshot{c.hits.Load(), c.stale.Load(), c.misses.Load(), c.coalesced.Load(), c.rejected.Load()}
 }
 
 func newZone(shape zoneShape, logger *zap.Logger) (*zone, error) {
@@ -60,6 +89,7 @@ func newZone(shape zoneShape, logger *zap.Logger) (*zone, error) {
 		budget:  newBudget(),
 		hints:   newKeyTimes(100_000),
 		backoff: newBackoffs(100_000),
+		metrics: newZoneMetrics(shape.name),
 		ctx:     ctx,
 		cancel:  cancel,
 	}
@@ -74,6 +104,40 @@ func (z *zone) Destruct() error {
 }
 
 func (z *zone) log() *zap.Logger { return z.logger.Load() }
+
+// zoneNamed finds a live zone of that name under another shape: the one a
+// reload with a new memory or max_object_size replaces.
+func zoneNamed(name, exceptKey string) *zone {
+	var found *zone
+	zones.Range(func(k, v any) bool {
+		if z, ok := v.(*zone); ok && z.shape.name == name && k != exceptKey {
+			found = z
+			return false
+		}
+		return true
+	})
+	return found
+}
+
+// inherit takes over a resized zone's budget (its tokens and slots in use
+// carry on) and copies its entries while they fit, so a resize does not
+// start cold: oldest records go first when the new store is smaller.
+func (z *zone) inherit(old *zone) {
+	z.budget = old.budget
+	copied := 0
+	it := old.store.bc.Iterator()
+	for it.SetNext() {
+		info, err := it.Value()
+		if err != nil || int64(len(info.Value())) > z.shape.maxObject+metaAllowance {
+			continue
+		}
+		if z.store.set(info.Key(), info.Value()) == nil {
+			copied++
+		}
+	}
+	z.log().Info("zone resized: entries copied", zap.String("zone", z.shape.name),
+		zap.Int64("memory", z.shape.memory), zap.Int("entries", copied))
+}
 
 // keyTimes remembers a deadline per key, bounded in count: when full, expired
 // keys are dropped first, then arbitrary ones (it is only a hint).
