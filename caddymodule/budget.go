@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -16,7 +17,7 @@ var errOriginBudget = errors.New("origin budget exhausted")
 // budget bounds the zone's origin fetches: a token bucket for their rate and a
 // counter for those in flight. Both can change on reload while in use.
 type budget struct {
-	limiter *rate.Limiter // goroutine-safe on its own
+	lim atomic.Pointer[rate.Limiter] // goroutine-safe on its own; replaced only when it starts limiting
 
 	mu      sync.Mutex // guards the fields below
 	limit   int        // most fetches in flight; 0 is unlimited
@@ -25,16 +26,24 @@ type budget struct {
 }
 
 func newBudget() *budget {
-	return &budget{limiter: rate.NewLimiter(rate.Inf, 0)}
+	b := &budget{}
+	b.lim.Store(rate.NewLimiter(rate.Inf, 0))
+	return b
 }
 
 // configure applies new numbers; a zero rate means unlimited.
 func (b *budget) configure(perSecond float64, burst, concurrency int) {
-	if perSecond <= 0 {
-		b.limiter.SetLimit(rate.Inf)
-	} else {
-		b.limiter.SetLimit(rate.Limit(perSecond))
-		b.limiter.SetBurst(burst)
+	lim := b.limiter()
+	switch {
+	case perSecond <= 0:
+		lim.SetLimit(rate.Inf)
+	case lim.Limit() == rate.Inf:
+		// A budget that starts limiting starts with a full bucket.
+		b.lim.Store(rate.NewLimiter(rate.Limit(perSecond), burst))
+	default:
+		// A changed budget keeps its tokens: a reload is not a free burst.
+		lim.SetLimit(rate.Limit(perSecond))
+		lim.SetBurst(burst)
 	}
 	b.mu.Lock()
 	b.limit = concurrency
@@ -42,11 +51,13 @@ func (b *budget) configure(perSecond float64, burst, concurrency int) {
 	b.mu.Unlock()
 }
 
+func (b *budget) limiter() *rate.Limiter { return b.lim.Load() }
+
 // acquire takes a token and a slot, waiting at most until ctx ends. On failure
 // it returns how long until a token is expected, for Retry-After.
 func (b *budget) acquire(ctx context.Context) (release func(), retryAfter time.Duration, err error) {
 	now := time.Now()
-	res := b.limiter.ReserveN(now, 1)
+	res := b.limiter().ReserveN(now, 1)
 	if !res.OK() {
 		return nil, time.Second, errOriginBudget
 	}
@@ -75,9 +86,9 @@ func (b *budget) acquire(ctx context.Context) (release func(), retryAfter time.D
 // now and a reserve of both remains for clients who are waiting on misses.
 func (b *budget) tryBackground() (release func(), ok bool) {
 	now := time.Now()
-	if b.limiter.Limit() != rate.Inf {
-		reserve := reserveOf(b.limiter.Burst())
-		if b.limiter.TokensAt(now) < float64(1+reserve) || !b.limiter.AllowN(now, 1) {
+	if lim := b.limiter(); lim.Limit() != rate.Inf {
+		reserve := reserveOf(lim.Burst())
+		if lim.TokensAt(now) < float64(1+reserve) || !lim.AllowN(now, 1) {
 			return nil, false
 		}
 	}
@@ -92,7 +103,7 @@ func (b *budget) tryBackground() (release func(), ok bool) {
 
 // available says whether a fetch could start right now without waiting.
 func (b *budget) available() bool {
-	if b.limiter.Limit() != rate.Inf && b.limiter.Tokens() < 1 {
+	if lim := b.limiter(); lim.Limit() != rate.Inf && lim.Tokens() < 1 {
 		return false
 	}
 	b.mu.Lock()
@@ -110,23 +121,25 @@ func reserveOf(n int) int {
 
 // tokens reports the tokens left now (+Inf when unlimited).
 func (b *budget) tokens() float64 {
-	if b.limiter.Limit() == rate.Inf {
+	lim := b.limiter()
+	if lim.Limit() == rate.Inf {
 		return math.Inf(1)
 	}
-	return b.limiter.Tokens()
+	return lim.Tokens()
 }
 
 // retryAfter estimates when the next token is free, at least one second.
 func (b *budget) retryAfter() time.Duration {
-	lim := b.limiter.Limit()
-	if lim == rate.Inf || lim <= 0 {
+	lim := b.limiter()
+	perSecond := lim.Limit()
+	if perSecond == rate.Inf || perSecond <= 0 {
 		return time.Second
 	}
-	missing := 1 - b.limiter.Tokens()
+	missing := 1 - lim.Tokens()
 	if missing <= 0 {
 		return time.Second
 	}
-	return max(time.Duration(math.Ceil(missing/float64(lim)))*time.Second, time.Second)
+	return max(time.Duration(math.Ceil(missing/float64(perSecond)))*time.Second, time.Second)
 }
 
 func (b *budget) takeSlot(ctx context.Context) error {
