@@ -186,3 +186,55 @@ func headerTokens(values []string) []string {
 	}
 	return out
 }
+
+// surrogateDevice is the device token Shield announces in Surrogate-Capability
+// and answers to in targeted Surrogate-Control directives (Edge Architecture 1.0).
+const surrogateDevice = "shield"
+
+// surrogateCapability is the request header value announcing Shield to the origin.
+const surrogateCapability = surrogateDevice + `="Surrogate/1.0"`
+
+// surrogateControl holds the Surrogate-Control directives that apply to Shield.
+type surrogateControl struct {
+	maxAge  time.Duration // -1 when absent
+	noStore bool
+}
+
+// parseSurrogateControl reads Surrogate-Control. A directive may target a
+// device (`max-age=60;shield`); directives targeted at this device win over
+// untargeted ones, and directives for other devices are ignored. Values must
+// follow the `=` directly: `max-age =1` is not a max-age.
+func parseSurrogateControl(values []string, device string) surrogateControl {
+	mine, general := surrogateControl{maxAge: -1}, surrogateControl{maxAge: -1}
+	targeted := false
+	for _, line := range values {
+		for len(line) > 0 {
+			var item string
+			item, line = nextDirective(line)
+			item = strings.TrimSpace(item)
+			dir, target, hasTarget := strings.Cut(item, ";")
+			dst := &general
+			if hasTarget {
+				if !strings.EqualFold(strings.TrimSpace(target), device) {
+					continue
+				}
+				dst, targeted = &mine, true
+			}
+			name, value, _ := strings.Cut(dir, "=")
+			switch strings.ToLower(name) {
+			case "max-age":
+				// max-age=N+M: M is an extra stale allowance Shield leaves to its own rules.
+				n, _, _ := strings.Cut(value, "+")
+				if d, ok := parseDelta(n); ok {
+					dst.maxAge = d
+				}
+			case "no-store":
+				dst.noStore = true
+			}
+		}
+	}
+	if targeted {
+		return mine
+	}
+	return general
+}

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -22,6 +23,17 @@ type policy struct {
 	maxWait         time.Duration
 	originTimeout   time.Duration
 	uncacheableHint time.Duration
+}
+
+// understoodStatus lists the status codes RFC 9110 defines.
+func understoodStatus(status int) bool {
+	switch {
+	case status >= 200 && status <= 206, status >= 300 && status <= 308 && status != 306,
+		status >= 400 && status <= 417, status == 421, status == 422, status == 426,
+		status >= 500 && status <= 505:
+		return true
+	}
+	return false
 }
 
 // decision says whether and how long a response may be stored and served.
@@ -54,10 +66,21 @@ func decide(p *policy, reqHeader http.Header, status int, h http.Header, reqTime
 	cc := parseCacheControl(h.Values("Cache-Control"))
 	d.initialAge = initialAge(h, reqTime, respTime)
 
+	sc := parseSurrogateControl(h.Values("Surrogate-Control"), surrogateDevice)
+	if p.ignoreOrigin {
+		sc = surrogateControl{maxAge: -1}
+	}
 	switch {
 	case status < 200 || status == http.StatusPartialContent || status == http.StatusNotModified:
 		return d.not("status")
-	case cc.noStore:
+	case cc.mustUnderstand && !understoodStatus(status):
+		// RFC 9111 §5.2.2.3: only store a status code the cache understands.
+		return d.not("must-understand")
+	case sc.noStore:
+		return d.not("surrogate-no-store")
+	case cc.noStore && sc.maxAge < 0 && !(cc.mustUnderstand && understoodStatus(status)):
+		// A surrogate max-age is the origin telling this cache to store;
+		// must-understand with a known status overrides no-store too.
 		return d.not("no-store")
 	case cc.private:
 		return d.not("private")
@@ -77,6 +100,10 @@ func decide(p *policy, reqHeader http.Header, status int, h http.Header, reqTime
 	}
 
 	explicit, hasExplicit := explicitLifetime(cc, h, respTime)
+	if sc.maxAge >= 0 {
+		// Surrogate-Control speaks to surrogates like Shield and wins over Cache-Control.
+		explicit, hasExplicit = sc.maxAge, true
+	}
 	heuristic := heuristicallyCacheable(status)
 	switch {
 	case p.ignoreOrigin && p.ttl > 0 && heuristic:
@@ -171,11 +198,10 @@ func dateOr(h http.Header, fallback time.Time) time.Time {
 
 // initialAge computes corrected_initial_age (RFC 9111 §4.2.3).
 func initialAge(h http.Header, reqTime, respTime time.Time) time.Duration {
-	var ageValue time.Duration
-	if v := h.Get("Age"); v != "" {
-		if d, ok := parseDelta(v); ok {
-			ageValue = d
-		}
+	ageValue, ok := parseAge(h.Values("Age"))
+	if !ok {
+		// An Age that cannot be read cannot vouch for freshness: treat the response as stale.
+		return maxDelta
 	}
 	apparent := time.Duration(0)
 	if date, ok := parseHTTPDate(h.Get("Date")); ok {
@@ -183,6 +209,21 @@ func initialAge(h http.Header, reqTime, respTime time.Time) time.Duration {
 	}
 	corrected := ageValue + max(respTime.Sub(reqTime), 0)
 	return max(apparent, corrected)
+}
+
+// parseAge reads the Age field. Age is a singleton: of a list on one line the
+// first member counts (RFC 9111 §5.1); several field lines, or a value that is
+// not a non-negative integer, make it unreadable.
+func parseAge(values []string) (time.Duration, bool) {
+	switch len(values) {
+	case 0:
+		return 0, true
+	case 1:
+	default:
+		return 0, false
+	}
+	first, _, _ := strings.Cut(values[0], ",")
+	return parseDelta(strings.TrimSpace(first))
 }
 
 // ageSeconds formats an age for the Age header: whole seconds, never negative.
