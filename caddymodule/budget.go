@@ -19,6 +19,13 @@ var errOriginBudget = errors.New("origin budget exhausted")
 type budget struct {
 	lim atomic.Pointer[rate.Limiter] // goroutine-safe on its own; replaced only when it starts limiting
 
+	// clock serializes the limiter calls that take the time, so the times
+	// they pass never go backwards: rate.Limiter adopts each call's time as
+	// its last update, and a call with an older time (taken before waiting
+	// for the limiter's lock) would make the next one refill the same
+	// interval twice, letting more fetches through than the rate allows.
+	clock sync.Mutex
+
 	mu      sync.Mutex // guards the fields below
 	limit   int        // most fetches in flight; 0 is unlimited
 	inUse   int
@@ -33,6 +40,7 @@ func newBudget() *budget {
 
 // configure applies new numbers; a zero rate means unlimited.
 func (b *budget) configure(perSecond float64, burst, concurrency int) {
+	b.clock.Lock()
 	lim := b.limiter()
 	switch {
 	case perSecond <= 0:
@@ -45,6 +53,7 @@ func (b *budget) configure(perSecond float64, burst, concurrency int) {
 		lim.SetLimit(rate.Limit(perSecond))
 		lim.SetBurst(burst)
 	}
+	b.clock.Unlock()
 	b.mu.Lock()
 	b.limit = concurrency
 	b.wakeLocked()
@@ -56,14 +65,16 @@ func (b *budget) limiter() *rate.Limiter { return b.lim.Load() }
 // acquire takes a token and a slot, waiting at most until ctx ends. On failure
 // it returns how long until a token is expected, for Retry-After.
 func (b *budget) acquire(ctx context.Context) (release func(), retryAfter time.Duration, err error) {
+	b.clock.Lock()
 	now := time.Now()
 	res := b.limiter().ReserveN(now, 1)
+	b.clock.Unlock()
 	if !res.OK() {
 		return nil, time.Second, errOriginBudget
 	}
 	if delay := res.DelayFrom(now); delay > 0 {
 		if deadline, ok := ctx.Deadline(); ok && now.Add(delay).After(deadline) {
-			res.CancelAt(now)
+			b.cancel(res)
 			return nil, b.retryAfter(), errOriginBudget
 		}
 		t := time.NewTimer(delay)
@@ -71,7 +82,7 @@ func (b *budget) acquire(ctx context.Context) (release func(), retryAfter time.D
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			res.Cancel()
+			b.cancel(res)
 			return nil, b.retryAfter(), errOriginBudget
 		}
 	}
@@ -82,13 +93,23 @@ func (b *budget) acquire(ctx context.Context) (release func(), retryAfter time.D
 	return b.releaseSlot, 0, nil
 }
 
+// cancel gives a reservation's token back, as far as later ones allow.
+func (b *budget) cancel(res *rate.Reservation) {
+	b.clock.Lock()
+	res.CancelAt(time.Now())
+	b.clock.Unlock()
+}
+
 // tryBackground starts a background fetch only when a token and a slot are free
 // now and a reserve of both remains for clients who are waiting on misses.
 func (b *budget) tryBackground() (release func(), ok bool) {
-	now := time.Now()
 	if lim := b.limiter(); lim.Limit() != rate.Inf {
 		reserve := reserveOf(lim.Burst())
-		if lim.TokensAt(now) < float64(1+reserve) || !lim.AllowN(now, 1) {
+		b.clock.Lock()
+		now := time.Now()
+		free := lim.TokensAt(now) >= float64(1+reserve) && lim.AllowN(now, 1)
+		b.clock.Unlock()
+		if !free {
 			return nil, false
 		}
 	}

@@ -164,8 +164,8 @@ func parseDelta(v string) (time.Duration, bool) {
 	if err != nil {
 		return 0, false
 	}
-	d := time.Duration(n) * time.Second
-	return min(d, maxDelta), true
+	// Capped before converting: ten digits of seconds overflow a Duration.
+	return time.Duration(min(n, int64(maxDelta/time.Second))) * time.Second, true
 }
 
 // parseHTTPDate parses an HTTP-date in any of the three formats of RFC 9110 §5.6.7.

@@ -90,6 +90,10 @@ func (z *zone) runFlight(job fetchJob, f *flight) {
 	res := z.fetch(job, f)
 	if res.err == nil {
 		z.settle(job, res)
+	} else if errors.Is(res.err, errTooLarge) {
+		// Not storable: later requests stream straight from the origin
+		// instead of each costing a capture attempt and then a pass-through.
+		z.hints.set(job.primary, time.Now().Add(job.pol.uncacheableHint))
 	}
 	if job.background {
 		if res.failed() {
@@ -270,7 +274,9 @@ func refreshed(stale *entry, h http.Header, reqTime, respTime time.Time) *entry 
 	}
 	for k, v := range h {
 		switch k {
-		case "Content-Length", "Content-Encoding", "Transfer-Encoding", "Content-Range":
+		case "Content-Length", "Content-Encoding", "Transfer-Encoding", "Content-Range",
+			// The stored response's own validator and digest describe the stored body.
+			"Etag", "Content-Md5":
 			continue
 		}
 		merged[k] = v

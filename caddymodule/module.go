@@ -223,9 +223,10 @@ func (p policy) with(o RuleOptions) (policy, error) {
 	}
 	if o.Bypass != nil {
 		p.bypass = *o.Bypass
-		if p.bypass && o.TTL != nil {
-			return p, fmt.Errorf("ttl on a bypass rule")
-		}
+	}
+	if p.bypass && o.TTL != nil {
+		// Also when the rule inherits bypass from the block: its ttl would be ignored.
+		return p, fmt.Errorf("ttl on a bypass rule")
 	}
 	switch o.OriginCacheControl {
 	case "":

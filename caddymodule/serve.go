@@ -121,7 +121,9 @@ func (h *Handler) fetchAndServe(w http.ResponseWriter, r *http.Request, next cad
 				f.mu.Lock()
 				started := f.started
 				f.mu.Unlock()
-				detail, code := "origin-timeout", http.StatusGatewayTimeout
+				// The client waited max_wait: for the budget (503), or for a
+				// fetch still in flight (504; it completes and is stored).
+				detail, code := "max-wait", http.StatusGatewayTimeout
 				if !started {
 					detail, code = "origin-budget", http.StatusServiceUnavailable
 				}
@@ -174,6 +176,7 @@ func (h *Handler) fetchAndServe(w http.ResponseWriter, r *http.Request, next cad
 func (h *Handler) newJob(r *http.Request, next caddyhttp.Handler, pol *policy, primary, key string, stale *entry) fetchJob {
 	out := r.Clone(context.WithoutCancel(r.Context()))
 	out.Method = http.MethodGet
+	out.Header.Add("Surrogate-Capability", surrogateCapability)
 	for _, k := range conditionalHeaders {
 		out.Header.Del(k)
 	}
