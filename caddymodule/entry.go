@@ -26,6 +26,17 @@ type entry struct {
 
 	header http.Header
 	body   []byte
+	spare  []string // decoded with the header values: room for the Age value, without a new slice
+}
+
+// spareValue returns a one-value slice for a header field, from the room
+// decoded with the entry when there is some.
+func (e *entry) spareValue(i int, v string) []string {
+	if i < len(e.spare) {
+		e.spare[i] = v
+		return e.spare[i : i+1 : i+1]
+	}
+	return []string{v}
 }
 
 // age is the entry's current age (RFC 9111 §4.2.3).
@@ -66,7 +77,7 @@ func (e *entry) keepFor() time.Duration {
 }
 
 const (
-	entryVersion  = 1
+	entryVersion  = 2
 	kindResponse  = 1
 	kindVarySpec  = 2
 	flagNoCache   = 1 << 0
@@ -83,6 +94,12 @@ func encodeEntry(e *entry) []byte {
 	meta = appendStrings(meta, e.vary)
 	meta = appendStrings(meta, e.tags)
 	meta = binary.AppendUvarint(meta, uint64(len(e.header)))
+	values := 0
+	for _, vs := range e.header {
+		values += len(vs)
+	}
+	// The total lets decoding slice every header's values out of one array.
+	meta = binary.AppendUvarint(meta, uint64(values))
 	for k, vs := range e.header {
 		meta = appendString(meta, k)
 		meta = appendStrings(meta, vs)
@@ -137,13 +154,24 @@ func decodeEntry(b []byte) (*entry, error) {
 	e.vary = r.strings()
 	e.tags = r.strings()
 	nh := r.uvarint()
-	if r.err || nh > uint64(len(r.s)) {
+	nv := r.uvarint()
+	if r.err || nh > uint64(len(r.s)) || nv > uint64(len(r.s)) {
 		return nil, errCorruptEntry
 	}
 	e.header = make(http.Header, nh)
+	values := make([]string, nv+1)
+	e.spare = values[nv:]
 	for range nh {
 		k := r.string()
-		vs := r.strings()
+		n := r.uvarint()
+		if r.err || n > uint64(len(values)) {
+			return nil, errCorruptEntry
+		}
+		vs := values[:n:n] // capped: an append by a later handler copies instead of clobbering
+		values = values[n:]
+		for i := range vs {
+			vs[i] = r.string()
+		}
 		if r.err {
 			return nil, errCorruptEntry
 		}

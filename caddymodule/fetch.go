@@ -247,6 +247,10 @@ func (z *zone) settle(job fetchJob, res *fetchResult) {
 	e.initialAge, e.lifetime, e.swr, e.sie = dec.initialAge, dec.lifetime, dec.swr, dec.sie
 	e.noCache, e.mustRevalidate, e.softPurged = dec.noCache, dec.mustRevalidate, false
 	e.header = storableHeader(e.header, job.tagHeader, &e.tags)
+	if e.header.Get("Content-Length") == "" && e.status != http.StatusNoContent {
+		// Stored once, so that hits need not format it.
+		e.header.Set("Content-Length", strconv.Itoa(len(e.body)))
+	}
 	var err error
 	if res.revalid {
 		err = z.store.putAt(job.key, e)

@@ -302,15 +302,32 @@ func (h *Handler) policyFor(r *http.Request) *policy {
 // outcome tells what happened: the Cache-Status header, the
 // {http.shield.status} placeholder and the access log's shield field.
 func (h *Handler) outcome(w http.ResponseWriter, r *http.Request, outcome, status string) {
-	w.Header().Set("Cache-Status", status)
+	w.Header()["Cache-Status"] = []string{status}
 	h.zone.counts.add(outcome)
 	h.zone.metrics.request(outcome, statusReason(status))
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		repl.Set("http.shield.status", outcome)
+		repl.Set("http.shield.status", boxedOutcome(outcome))
 	}
 	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
 		extra.Set(zap.String("shield", outcome))
 	}
+}
+
+// boxedOutcomes holds the outcome words already converted to interface
+// values, so that setting the placeholder allocates nothing on the hit path.
+var boxedOutcomes = func() map[string]any {
+	m := map[string]any{}
+	for _, o := range []string{"hit", "miss", "stale", "coalesced", "bypass", "uncacheable", "rejected", "method"} {
+		m[o] = o
+	}
+	return m
+}()
+
+func boxedOutcome(outcome string) any {
+	if v, ok := boxedOutcomes[outcome]; ok {
+		return v
+	}
+	return outcome
 }
 
 // budgetShape is a zone's origin budget as one block declares it.

@@ -108,8 +108,9 @@ func (h *Handler) fetchAndServe(w http.ResponseWriter, r *http.Request, next cad
 			if fresh, _ := z.store.lookup(primary, r.Header); fresh != nil && fresh.freshFor(now) > 0 &&
 				(stale == nil || fresh.responseTime.After(stale.responseTime)) {
 				// A flight that ended between our lookup and our join stored it already.
+				// Waiters that joined meanwhile share the entry: copy its header, as they do.
 				z.flights.finish(key, f, &fetchResult{resp: fresh, stored: true, shareable: true, status: fresh.status, reqHeader: r.Header})
-				return h.writeEntry(w, r, fresh, false, true, now, "hit", hitStatus(fresh.freshFor(now)))
+				return h.writeEntry(w, r, fresh, true, true, now, "hit", hitStatus(fresh.freshFor(now)))
 			}
 			job := h.newJob(r, next, pol, primary, key, stale)
 			go z.runFlight(job, f)
@@ -325,7 +326,12 @@ func (h *Handler) writeEntry(w http.ResponseWriter, r *http.Request, e *entry, s
 		hdr.Del(h.tagHeader)
 	}
 	if withAge {
-		hdr.Set("Age", ageSeconds(e.age(now)))
+		if shared {
+			hdr["Age"] = []string{ageSeconds(e.age(now))}
+		} else {
+			// The entry was decoded for this request alone: its spare room is ours.
+			hdr["Age"] = e.spareValue(0, ageSeconds(e.age(now)))
+		}
 	}
 	h.outcome(w, r, outcome, status)
 	if e.status == http.StatusOK && notModified(r, e) {
@@ -396,7 +402,11 @@ func notModified(r *http.Request, e *entry) bool {
 		}
 		return false
 	}
-	ims, ok := parseHTTPDate(r.Header.Get("If-Modified-Since"))
+	imsValue := r.Header.Get("If-Modified-Since")
+	if imsValue == "" {
+		return false
+	}
+	ims, ok := parseHTTPDate(imsValue)
 	if !ok {
 		return false
 	}
@@ -457,8 +467,22 @@ func (t *tagHidingWriter) Write(p []byte) (int, error) {
 }
 
 func hitStatus(freshFor time.Duration) string {
-	return "shield; hit; ttl=" + strconv.FormatInt(int64(freshFor/time.Second), 10)
+	secs := int64(freshFor / time.Second)
+	if secs >= 0 && secs < int64(len(hitStatuses)) {
+		return hitStatuses[secs]
+	}
+	return "shield; hit; ttl=" + strconv.FormatInt(secs, 10)
 }
+
+// hitStatuses are the Cache-Status values of hits with less than an hour of
+// freshness left, made once so that a hit allocates no header value.
+var hitStatuses = func() []string {
+	s := make([]string, 3600)
+	for i := range s {
+		s[i] = "shield; hit; ttl=" + strconv.Itoa(i)
+	}
+	return s
+}()
 
 func staleStatus(freshFor time.Duration, fwdStatus, detail string) string {
 	s := "shield; fwd=stale" + fwdStatus + "; ttl=" + strconv.FormatInt(int64(freshFor/time.Second), 10)
