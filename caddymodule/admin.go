@@ -56,6 +56,8 @@ type purgeRequest struct {
 type purgeResponse struct {
 	Purged int  `json:"purged"`
 	Soft   bool `json:"soft"`
+	// Cluster is the purge's fate in L2 and on the other instances (cluster_purge.go).
+	Cluster *clusterPurgeReport `json:"cluster,omitempty"`
 }
 
 func (a *Admin) handlePurge(w http.ResponseWriter, r *http.Request) error {
@@ -118,7 +120,9 @@ func (a *Admin) handlePurge(w http.ResponseWriter, r *http.Request) error {
 	}
 	caddy.Log().Named("shield").Info("purged",
 		zap.String("zone", z0), zap.Int("entries", n), zap.Bool("soft", req.Soft))
-	return writeJSON(w, purgeResponse{Purged: n, Soft: req.Soft})
+	// Cluster mode (cluster_purge.go): the same purge in L2 and on every other instance.
+	fleet := broadcastPurge(r.Context(), req, primary, targetZones)
+	return writeJSON(w, purgeResponse{Purged: n, Soft: req.Soft, Cluster: fleet})
 }
 
 // zoneStats is one zone in GET /shield/stats.
@@ -137,6 +141,8 @@ type zoneStats struct {
 	HitRatio      float64  `json:"hit_ratio"`
 	Tokens        *float64 `json:"budget_tokens"` // null when the rate is unlimited
 	InFlight      int      `json:"origin_in_flight"`
+	// Cluster is the zone's part in the cluster, when in cluster mode (cluster.go).
+	Cluster *zoneClusterStats `json:"cluster,omitempty"`
 }
 
 func (a *Admin) handleStats(w http.ResponseWriter, r *http.Request) error {
@@ -144,15 +150,16 @@ func (a *Admin) handleStats(w http.ResponseWriter, r *http.Request) error {
 		return apiError(http.StatusMethodNotAllowed, "use GET")
 	}
 	out := struct {
-		Zones []zoneStats `json:"zones"`
-	}{Zones: []zoneStats{}}
+		Zones   []zoneStats   `json:"zones"`
+		Cluster *clusterState `json:"cluster,omitempty"` // cluster mode (cluster.go)
+	}{Zones: []zoneStats{}, Cluster: clusterStats()}
 	for _, z := range liveZones() {
 		c := z.counts.snapshot()
 		s := zoneStats{
 			Name: z.shape.name, Memory: z.shape.memory, MaxObjectSize: z.shape.maxObject,
 			Entries: z.store.len(), Bytes: z.store.capacity(), Evictions: z.store.evictions.Load(),
 			Hits: c.hits, Stale: c.stale, Misses: c.misses, Coalesced: c.coalesced, Rejected: c.rejected,
-			InFlight: z.budget.inFlight(),
+			InFlight: z.budget.inFlight(), Cluster: z.clusterStats(),
 		}
 		if total := c.hits + c.stale + c.misses + c.coalesced + c.rejected; total > 0 {
 			s.HitRatio = float64(c.hits+c.stale) / float64(total)

@@ -14,6 +14,21 @@ import (
 // errOriginBudget means no origin fetch could start within the client's wait.
 var errOriginBudget = errors.New("origin budget exhausted")
 
+// originBudget is what a zone's fetches ask before they go to the origin: the
+// local budget below, or in cluster mode the fleet-wide one (cluster_budget.go)
+// that falls back to a share of this one when Redis is unreachable.
+type originBudget interface {
+	configure(perSecond float64, burst, concurrency int)
+	acquire(ctx context.Context) (release func(), retryAfter time.Duration, err error)
+	tryBackground() (release func(), ok bool)
+	available() bool
+	retryAfter() time.Duration
+	tokens() float64
+	inFlight() int
+}
+
+var _ originBudget = (*budget)(nil)
+
 // budget bounds the zone's origin fetches: a token bucket for their rate and a
 // counter for those in flight. Both can change on reload while in use.
 type budget struct {

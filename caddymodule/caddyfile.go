@@ -33,6 +33,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    origin_burst <n>
 //	    origin_concurrency <n>
 //	    tag_header <field>
+//	    cluster on|off
 //	    # rule options, as defaults:
 //	    ttl <duration>
 //	    stale_while_revalidate <duration>
@@ -86,6 +87,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.OriginConcurrency, err = positiveIntArg(d)
 		case "tag_header":
 			h.TagHeader, err = oneArg(d)
+		case "cluster": // cluster mode (cluster.go)
+			h.Cluster, err = choiceArg(d, "on", "off")
 		default:
 			var known bool
 			known, err = parseRuleOption(d, &h.RuleOptions)
@@ -125,7 +128,7 @@ func parseRule(d *caddyfile.Dispenser) (Rule, error) {
 		}
 		if !known {
 			switch name {
-			case "zone", "memory", "max_object_size", "origin_rate", "origin_burst", "origin_concurrency", "tag_header", "rule":
+			case "zone", "memory", "max_object_size", "origin_rate", "origin_burst", "origin_concurrency", "tag_header", "cluster", "rule":
 				return rule, d.Errf("%s belongs to the shield block, not to a rule", name)
 			}
 			return rule, d.Errf("unrecognized rule subdirective %q", name)

@@ -63,6 +63,8 @@ type fetchResult struct {
 	reqHeader http.Header // the request headers the fetch was made with (Vary matching)
 	revalid   bool        // a 304 refreshed the stale entry
 	status    int         // the origin's status (304 on revalidation)
+	// cluster says how cluster mode took part: an L2 hit, an L2 marker, a degraded fetch (cluster_lock.go).
+	cluster clusterNote
 }
 
 // failed reports whether the origin failed: an error or a 5xx answer.
@@ -103,12 +105,17 @@ func (z *zone) runFlight(job fetchJob, f *flight) {
 		}
 	}
 	z.flights.finish(job.key, f, res)
+	z.clusterFinish(job, f, res) // cluster mode (cluster_lock.go): share through L2, release the fleet lock
 }
 
 // fetch asks the origin once: budget first (unless already held), then the
 // request on a private writer with its own deadline.
 func (z *zone) fetch(job fetchJob, f *flight) (res *fetchResult) {
 	res = &fetchResult{owner: job.owner, reqHeader: job.req.Header}
+	// Cluster mode (cluster_lock.go): L2 and the fleet lock first, then the fleet budget into job.release.
+	if z.clusterBeforeFetch(&job, f, res) {
+		return res
+	}
 	release := job.release
 	if release == nil {
 		ctx, cancel := context.WithTimeout(z.ctx, job.pol.maxWait)
@@ -213,6 +220,9 @@ func (z *zone) fetch(job fetchJob, f *flight) (res *fetchResult) {
 
 // settle decides whether the response may be stored and shared, and stores it.
 func (z *zone) settle(job fetchJob, res *fetchResult) {
+	if res.cluster.fromL2() {
+		return // cluster mode (cluster_lock.go): nothing was fetched; an L2 hit is already in L1
+	}
 	e := res.resp
 	if res.status >= 500 && job.stale != nil {
 		// RFC 5861: a failing origin never replaces a good copy.

@@ -55,6 +55,10 @@ type Handler struct {
 	// (for purge by tag); it is removed before responses reach clients.
 	// Default: Surrogate-Key.
 	TagHeader string `json:"tag_header,omitempty"`
+	// Cluster is "on" or "off": whether the zone joins the cluster of the
+	// `shield` global option (shared L2, fleet-wide coalescing and budget,
+	// purges). Default: on when a cluster is configured.
+	Cluster string `json:"cluster,omitempty"`
 
 	// The block's rule options: the defaults of every rule and the policy of
 	// paths no rule matches.
@@ -193,7 +197,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.zone, h.zoneKey = val.(*zone), key
 	h.zone.logger.Store(h.logger)
 	h.zone.budget.configure(effective.perSecond, effective.burst, effective.concurrency)
-	return nil
+	return h.provisionCluster(ctx) // cluster mode (cluster.go): join or leave the fleet
 }
 
 // with overlays a rule's options on p and checks them.

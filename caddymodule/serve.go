@@ -306,6 +306,7 @@ func (h *Handler) invalidate(primary string) {
 	z := h.zone
 	z.store.remove(primary)
 	z.hints.clear(primary)
+	z.clusterInvalidate(primary) // cluster mode (cluster_purge.go): in L2 and on the other instances too
 	if ce := z.log().Check(zapcore.DebugLevel, "invalidated"); ce != nil {
 		ce.Write(zap.String("zone", z.shape.name))
 	}
@@ -355,6 +356,9 @@ func (h *Handler) writeEntry(w http.ResponseWriter, r *http.Request, e *entry, s
 
 // writeResult answers a waiter from a fetch result.
 func (h *Handler) writeResult(w http.ResponseWriter, r *http.Request, res *fetchResult, fwd string, collapsed bool, now time.Time) error {
+	if res.cluster != clusterNone {
+		return h.writeClusterResult(w, r, res, fwd, collapsed, now) // cluster mode (cluster.go): l2-hit, cluster-degraded
+	}
 	var b strings.Builder
 	b.WriteString("shield; fwd=")
 	b.WriteString(fwd)

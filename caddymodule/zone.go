@@ -34,7 +34,8 @@ type zone struct {
 	shape   zoneShape
 	store   *store
 	flights *flights
-	budget  *budget
+	// budget is a *clusterBudget: the local budget, or fleet-wide in cluster mode (cluster_budget.go).
+	budget  originBudget
 	hints   *keyTimes // keys recently found uncacheable: fetched directly for a while
 	backoff *backoffs // keys whose background refresh failed
 
@@ -86,7 +87,7 @@ func newZone(shape zoneShape, logger *zap.Logger) (*zone, error) {
 		shape:   shape,
 		store:   st,
 		flights: newFlights(),
-		budget:  newBudget(),
+		budget:  newZoneBudget(), // cluster mode can attach to it later (cluster_budget.go)
 		hints:   newKeyTimes(100_000),
 		backoff: newBackoffs(100_000),
 		metrics: newZoneMetrics(shape.name),
