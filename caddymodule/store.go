@@ -60,6 +60,7 @@ func newStore(memory, maxEntry int64) (*store, error) {
 		return nil, fmt.Errorf("creating bigcache: %w", err)
 	}
 	s.bc = bc
+	tuner.add(s) // its bytes are no reason for the GC to let garbage grow (gctune.go)
 	return s, nil
 }
 
@@ -146,7 +147,10 @@ func (s *store) remove(key string) bool {
 
 func (s *store) len() int      { return s.bc.Len() }
 func (s *store) capacity() int { return s.bc.Capacity() }
-func (s *store) close() error  { return s.bc.Close() }
+func (s *store) close() error {
+	tuner.remove(s)
+	return s.bc.Close()
+}
 
 // primaryOf returns the URL part of a record's key (variant keys add a suffix).
 func primaryOf(key string) string {
