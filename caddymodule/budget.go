@@ -82,16 +82,20 @@ func (b *budget) limiter() *rate.Limiter { return b.lim.Load() }
 func (b *budget) acquire(ctx context.Context) (release func(), retryAfter time.Duration, err error) {
 	b.clock.Lock()
 	now := time.Now()
-	res := b.limiter().ReserveN(now, 1)
+	lim := b.limiter()
+	if deadline, ok := ctx.Deadline(); ok && now.Add(tokenWait(lim, now)).After(deadline) {
+		// Refused before reserving: a reservation given back while later ones
+		// are queued returns only part of its token (rate.Reservation.CancelAt),
+		// and many clients refused at once would drain the bucket for nothing.
+		b.clock.Unlock()
+		return nil, b.retryAfter(), errOriginBudget
+	}
+	res := lim.ReserveN(now, 1)
 	b.clock.Unlock()
 	if !res.OK() {
 		return nil, time.Second, errOriginBudget
 	}
 	if delay := res.DelayFrom(now); delay > 0 {
-		if deadline, ok := ctx.Deadline(); ok && now.Add(delay).After(deadline) {
-			b.cancel(res)
-			return nil, b.retryAfter(), errOriginBudget
-		}
 		t := time.NewTimer(delay)
 		select {
 		case <-t.C:
@@ -108,7 +112,28 @@ func (b *budget) acquire(ctx context.Context) (release func(), retryAfter time.D
 	return b.releaseSlot, 0, nil
 }
 
-// cancel gives a reservation's token back, as far as later ones allow.
+// tokenWait is how long from now until the limiter has a token for one more
+// reservation (0 when it has one now).
+func tokenWait(lim *rate.Limiter, now time.Time) time.Duration {
+	perSecond := float64(lim.Limit())
+	if lim.Limit() == rate.Inf {
+		return 0
+	}
+	missing := 1 - lim.TokensAt(now)
+	if missing <= 0 {
+		return 0
+	}
+	if perSecond <= 0 {
+		return maxRetryAfter
+	}
+	return time.Duration(min(missing/perSecond, maxRetryAfter.Seconds()) * float64(time.Second))
+}
+
+// maxRetryAfter bounds the waits computed from a very slow rate.
+const maxRetryAfter = 24 * time.Hour
+
+// cancel gives a reservation's token back, as far as later ones allow (a
+// client that left while queued).
 func (b *budget) cancel(res *rate.Reservation) {
 	b.clock.Lock()
 	res.CancelAt(time.Now())
@@ -175,7 +200,8 @@ func (b *budget) retryAfter() time.Duration {
 	if missing <= 0 {
 		return time.Second
 	}
-	return max(time.Duration(math.Ceil(missing/float64(perSecond)))*time.Second, time.Second)
+	secs := math.Min(math.Ceil(missing/float64(perSecond)), maxRetryAfter.Seconds())
+	return max(time.Duration(secs)*time.Second, time.Second)
 }
 
 func (b *budget) takeSlot(ctx context.Context) error {

@@ -355,3 +355,37 @@ func TestBudgetRateHoldsUnderContention(t *testing.T) {
 		t.Fatalf("%d tokens in %v, want at most %.0f", got.Load(), elapsed, allowed)
 	}
 }
+
+// TestBudgetRefusalsKeepTokens: many clients refused at once (the next token
+// comes after their deadline) take nothing from the bucket, so the clients
+// after them still get the rate they were promised.
+func TestBudgetRefusalsKeepTokens(t *testing.T) {
+	b := newBudget()
+	b.configure(10, 1, 0) // a token every 100 ms
+	if _, _, err := budgetTryNow(b); err != nil {
+		t.Fatalf("first token: %v", err)
+	}
+	var wg sync.WaitGroup
+	var granted atomic.Int64
+	start := make(chan struct{})
+	for range 400 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+			defer cancel()
+			if release, _, err := b.acquire(ctx); err == nil {
+				granted.Add(1)
+				release()
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	// Refusals reserve nothing: what is left is what the rate refilled, less
+	// the few grants a slow machine may have let through after 80 ms.
+	if tokens, g := b.tokens(), granted.Load(); tokens < -float64(g)-0.01 {
+		t.Fatalf("bucket at %.2f tokens after 400 refusals and %d grants: refusals took tokens", tokens, g)
+	}
+}
