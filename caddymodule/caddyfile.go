@@ -1,6 +1,10 @@
 package caddymodule
 
 import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"net/http"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -19,8 +23,102 @@ func init() {
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	s := new(Handler)
-	err := s.UnmarshalCaddyfile(h.Dispenser)
-	return s, err
+	if err := s.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	// What Provision would refuse across blocks and global options, refused
+	// here too, so that the error names the file and line.
+	clustered := clusterConfigured(h)
+	if s.Cluster == "on" && !clustered {
+		return nil, s.src.at("cluster").errf("cluster on, but no cluster is configured (global option: shield { cluster redis { ... } })")
+	}
+	if err := claimZoneInFile(h.State, s, clustered); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// clusterConfigured says whether the shield global option configures a cluster.
+func clusterConfigured(h httpcaddyfile.Helper) bool {
+	opt, ok := h.Option("shield").(httpcaddyfile.App)
+	if !ok {
+		return false
+	}
+	var app App
+	return json.Unmarshal(opt.Value, &app) == nil && app.Cluster != nil
+}
+
+// srcPos is where an option was written, for errors found after parsing.
+type srcPos struct {
+	file string
+	line int
+}
+
+func posOf(d *caddyfile.Dispenser) srcPos { return srcPos{d.File(), d.Line()} }
+
+func (p srcPos) errf(format string, args ...any) error {
+	return fmt.Errorf(format+", at %s:%d", append(args, p.file, p.line)...)
+}
+
+// srcPositions records where a block's options were written.
+type srcPositions struct {
+	block   srcPos
+	options map[string]srcPos
+}
+
+// at is where the option was written, or the block when it was not.
+func (s *srcPositions) at(option string) srcPos {
+	if p, ok := s.options[option]; ok {
+		return p
+	}
+	return s.block
+}
+
+// fileZone is a zone as one block of the Caddyfile declares it.
+type fileZone struct {
+	memory, maxObject int64
+	budget            [3]string // origin_rate, origin_burst, origin_concurrency as written ("" when not)
+	hasBudget         bool
+	cluster           string
+	pos               srcPos
+}
+
+// claimZoneInFile records the block's zone in the adapter's state and refuses
+// a second block that gives the zone another size, budget or cluster mode.
+func claimZoneInFile(state map[string]any, h *Handler, clustered bool) error {
+	zonesSeen, _ := state["shield.zones"].(map[string]fileZone)
+	if zonesSeen == nil {
+		zonesSeen = map[string]fileZone{}
+		state["shield.zones"] = zonesSeen
+	}
+	name := cmp.Or(h.Zone, defaultZone)
+	cur := fileZone{
+		memory: cmp.Or(h.Memory, defaultMemory), maxObject: cmp.Or(h.MaxObjectSize, defaultMaxObjectSize),
+		budget:    [3]string{h.OriginRate, strconv.Itoa(h.OriginBurst), strconv.Itoa(h.OriginConcurrency)},
+		hasBudget: h.OriginRate != "" || h.OriginBurst != 0 || h.OriginConcurrency != 0,
+		cluster:   h.Cluster, pos: h.src.at("zone"),
+	}
+	if cur.cluster == "" {
+		cur.cluster = map[bool]string{true: "on", false: "off"}[clustered]
+	}
+	prev, ok := zonesSeen[name]
+	if !ok {
+		zonesSeen[name] = cur
+		return nil
+	}
+	where := fmt.Sprintf(" (first declared at %s:%d)", prev.pos.file, prev.pos.line)
+	switch {
+	case prev.memory != cur.memory || prev.maxObject != cur.maxObject:
+		return cur.pos.errf("zone %q is declared twice with different sizes (memory, max_object_size)%s", name, where)
+	case prev.hasBudget && cur.hasBudget && prev.budget != cur.budget:
+		return cur.pos.errf("zone %q is declared twice with different origin budgets (origin_rate, origin_burst, origin_concurrency)%s", name, where)
+	case prev.cluster != cur.cluster:
+		return cur.pos.errf("zone %q is declared with cluster on and off%s", name, where)
+	}
+	if !prev.hasBudget && cur.hasBudget {
+		zonesSeen[name] = cur
+	}
+	return nil
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
@@ -49,24 +147,28 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name
+	h.src = &srcPositions{block: posOf(d), options: map[string]srcPos{}}
 	if d.NextArg() {
 		return d.ArgErr()
 	}
 	seen := map[string]bool{}
+	var ruleTTLs []srcPos // where each rule's ttl was written (zero when it has none)
 	for d.NextBlock(0) {
 		name := d.Val()
 		if name == "rule" {
-			rule, err := parseRule(d)
+			rule, ttlAt, err := parseRule(d)
 			if err != nil {
 				return err
 			}
 			h.Rules = append(h.Rules, rule)
+			ruleTTLs = append(ruleTTLs, ttlAt)
 			continue
 		}
 		if seen[name] {
 			return d.Errf("%s already specified", name)
 		}
 		seen[name] = true
+		h.src.options[name] = posOf(d)
 		var err error
 		switch name {
 		case "zone":
@@ -86,7 +188,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "origin_concurrency":
 			h.OriginConcurrency, err = positiveIntArg(d)
 		case "tag_header":
-			h.TagHeader, err = oneArg(d)
+			if h.TagHeader, err = oneArg(d); err == nil {
+				if cerr := checkTagHeader(http.CanonicalHeaderKey(h.TagHeader)); cerr != nil {
+					err = d.Err(cerr.Error())
+				}
+			}
 		case "cluster": // cluster mode (cluster.go)
 			h.Cluster, err = choiceArg(d, "on", "off")
 		default:
@@ -103,41 +209,62 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if h.Bypass != nil && *h.Bypass && h.TTL != nil {
 		return d.Err("ttl cannot be set together with bypass")
 	}
+	if h.Bypass != nil && *h.Bypass {
+		for i, at := range ruleTTLs {
+			if at.line != 0 && h.Rules[i].Bypass == nil {
+				return at.errf("ttl on a rule that inherits bypass from the shield block")
+			}
+		}
+	}
+	memory, maxObject := cmp.Or(h.Memory, defaultMemory), cmp.Or(h.MaxObjectSize, defaultMaxObjectSize)
+	if err := checkStoreSize(memory, maxObject); err != nil {
+		at := h.src.at("memory")
+		if _, ok := h.src.options["memory"]; !ok {
+			at = h.src.at("max_object_size")
+		}
+		return at.errf("%v", err)
+	}
 	return nil
 }
 
-// parseRule reads `rule <patterns...> { <rule options> }`.
-func parseRule(d *caddyfile.Dispenser) (Rule, error) {
-	var rule Rule
+// parseRule reads `rule <patterns...> { <rule options> }`; ttlAt is where
+// its ttl was written (zero when it has none).
+func parseRule(d *caddyfile.Dispenser) (rule Rule, ttlAt srcPos, err error) {
 	for d.NextArg() {
+		if err := checkPathPattern(d.Val()); err != nil {
+			return rule, ttlAt, d.Err(err.Error())
+		}
 		rule.Path = append(rule.Path, d.Val())
 	}
 	if len(rule.Path) == 0 {
-		return rule, d.Err("rule needs at least one path pattern")
+		return rule, ttlAt, d.Err("rule needs at least one path pattern")
 	}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		name := d.Val()
 		if seen[name] {
-			return rule, d.Errf("%s already specified in this rule", name)
+			return rule, ttlAt, d.Errf("%s already specified in this rule", name)
 		}
 		seen[name] = true
+		if name == "ttl" {
+			ttlAt = posOf(d)
+		}
 		known, err := parseRuleOption(d, &rule.RuleOptions)
 		if err != nil {
-			return rule, err
+			return rule, ttlAt, err
 		}
 		if !known {
 			switch name {
 			case "zone", "memory", "max_object_size", "origin_rate", "origin_burst", "origin_concurrency", "tag_header", "cluster", "rule":
-				return rule, d.Errf("%s belongs to the shield block, not to a rule", name)
+				return rule, ttlAt, d.Errf("%s belongs to the shield block, not to a rule", name)
 			}
-			return rule, d.Errf("unrecognized rule subdirective %q", name)
+			return rule, ttlAt, d.Errf("unrecognized rule subdirective %q", name)
 		}
 	}
 	if rule.Bypass != nil && *rule.Bypass && rule.TTL != nil {
-		return rule, d.Err("ttl cannot be set on a bypass rule")
+		return rule, ttlAt, d.Err("ttl cannot be set on a bypass rule")
 	}
-	return rule, nil
+	return rule, ttlAt, nil
 }
 
 // parseRuleOption reads one rule option into o; known is false for other names.

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -167,6 +168,16 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "max_object_size inside a rule", input: "shield {\n rule /a {\n  max_object_size 1KiB\n }\n}", wantErr: "max_object_size belongs to the shield block"},
 		{name: "origin_rate inside a rule", input: "shield {\n rule /a {\n  origin_rate 5/s\n }\n}", wantErr: "origin_rate belongs to the shield block"},
 		{name: "rule inside a rule", input: "shield {\n rule /a {\n  rule /b\n }\n}", wantErr: "rule belongs to the shield block"},
+		{name: "rule pattern that never matches", input: "shield {\n rule /a/* users/* {\n  ttl 1s\n }\n}", wantErr: `path pattern "users/*" never matches: it must start with / or *, at Testfile:2`},
+		{name: "ttl in a rule under a bypassed block", input: "shield {\n bypass\n rule /a/* {\n  stale_if_error 1m\n  ttl 1m\n }\n}", wantErr: "ttl on a rule that inherits bypass from the shield block, at Testfile:5"},
+		{name: "tag_header naming Set-Cookie", input: "shield {\n tag_header set-cookie\n}", wantErr: "tag_header Set-Cookie: a header with its own meaning; use one of your own, such as Surrogate-Key, at Testfile:2"},
+		{name: "tag_header naming a Content- field", input: "shield {\n tag_header Content-Type\n}", wantErr: "tag_header Content-Type: a header with its own meaning"},
+		{name: "memory below the minimum", input: "shield {\n memory 512KiB\n max_object_size 1KiB\n}", wantErr: "memory 512 KiB is below the minimum of 1MiB, at Testfile:2"},
+		{name: "memory too small for max_object_size", input: "shield {\n zone z\n memory 2MiB\n}", wantErr: "memory 2.0 MiB must be at least four times max_object_size plus 64KiB (4.3 MiB for max_object_size 1.0 MiB), at Testfile:3"},
+		{name: "max_object_size too large for the default memory", input: "shield {\n max_object_size 64MiB\n}", wantErr: "must be at least four times max_object_size plus 64KiB (256 MiB for max_object_size 64 MiB), at Testfile:2"},
+		{name: "origin_rate too slow", input: "shield {\n origin_rate 1e-300/s\n}", wantErr: `invalid origin_rate "1e-300/s": want <n>/<s|m|h>`},
+		{name: "origin_rate in hex", input: "shield {\n origin_rate 0x1p4/s\n}", wantErr: `invalid origin_rate "0x1p4/s"`},
+		{name: "origin_rate below one an hour", input: "shield {\n origin_rate 0.5/h\n}", wantErr: `invalid origin_rate "0.5/h": at least 1/h`},
 		{name: "bad option after a good rule", input: "shield {\n rule /a {\n  ttl 1s\n }\n ttl soon\n}", wantErr: `invalid ttl "soon": time: invalid duration "soon", at Testfile:5`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -184,6 +195,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			if err != nil {
 				t.Fatalf("unexpected error: %v", err)
 			}
+			got.src = nil // where options were written: checked by the error cases
 			if !reflect.DeepEqual(got, tc.want) {
 				t.Fatalf("got  %+v\nwant %+v", got, tc.want)
 			}
@@ -286,4 +298,41 @@ func TestCaddyfileAdapt(t *testing.T) {
 		}
 	}
 }`)
+}
+
+// TestCaddyfileAcrossBlocks: what only shows across blocks or against the
+// global options fails at adapt, with the file and line.
+func TestCaddyfileAcrossBlocks(t *testing.T) {
+	for _, tc := range []struct {
+		name, input, wantErr string
+	}{
+		{"zone with two sizes", ":8080 {\n\tshield {\n\t\tzone api\n\t\tmemory 64MiB\n\t}\n}\n:8081 {\n\tshield {\n\t\tzone api\n\t\tmemory 32MiB\n\t}\n}\n",
+			`zone "api" is declared twice with different sizes (memory, max_object_size) (first declared at Caddyfile:3), at Caddyfile:9`},
+		{"default zone with two sizes", ":8080 {\n\tshield\n}\n:8081 {\n\tshield {\n\t\tmax_object_size 2MiB\n\t}\n}\n",
+			`zone "default" is declared twice with different sizes`},
+		{"zone with two budgets", ":8080 {\n\tshield {\n\t\tzone api\n\t\torigin_rate 5/s\n\t}\n\thandle /x {\n\t\tshield {\n\t\t\tzone api\n\t\t\torigin_rate 6/s\n\t\t}\n\t}\n}\n",
+			`zone "api" is declared twice with different origin budgets (origin_rate, origin_burst, origin_concurrency) (first declared at Caddyfile:3), at Caddyfile:8`},
+		{"cluster on without a cluster", ":8080 {\n\tshield {\n\t\tcluster on\n\t}\n}\n",
+			"cluster on, but no cluster is configured (global option: shield { cluster redis { ... } }), at Caddyfile:3"},
+		{"cluster on and off for one zone", "{\n\tshield {\n\t\tcluster redis {\n\t\t\taddress 127.0.0.1:1\n\t\t}\n\t}\n}\n:8080 {\n\tshield\n}\n:8081 {\n\tshield {\n\t\tcluster off\n\t}\n}\n",
+			`zone "default" is declared with cluster on and off`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			adapter := caddyconfig.GetAdapter("caddyfile")
+			_, _, err := adapter.Adapt([]byte(tc.input), map[string]any{"filename": "Caddyfile"})
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("error %v, want it to contain %q", err, tc.wantErr)
+			}
+		})
+	}
+	// Blocks that agree, or leave the budget to the one that sets it, adapt;
+	// without a cluster, cluster off is what every block has anyway.
+	for _, ok := range []string{
+		":8080 {\n\tshield {\n\t\tzone api\n\t\torigin_rate 5/s\n\t}\n}\n:8081 {\n\tshield {\n\t\tzone api\n\t\tttl 1m\n\t}\n}\n",
+		":8080 {\n\tshield\n}\n:8081 {\n\tshield {\n\t\tcluster off\n\t}\n}\n",
+	} {
+		if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(ok), nil); err != nil {
+			t.Fatalf("agreeing blocks refused: %v\n%s", err, ok)
+		}
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -67,6 +68,7 @@ type Handler struct {
 	// Rules are tried in order; the first whose path matches applies.
 	Rules []Rule `json:"rules,omitempty"`
 
+	src       *srcPositions // where the Caddyfile set the options (nil from JSON)
 	logger    *zap.Logger
 	zone      *zone
 	zoneKey   string // set once the zone was acquired; Cleanup releases only this
@@ -139,12 +141,18 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.TagHeader == "" {
 		h.tagHeader = defaultTagHeader
 	}
+	if err := checkTagHeader(h.tagHeader); err != nil {
+		return err
+	}
 	perSecond, err := parseRate(h.OriginRate)
 	if err != nil {
 		return err
 	}
 	if h.OriginBurst < 0 || h.OriginConcurrency < 0 {
 		return fmt.Errorf("origin_burst and origin_concurrency cannot be negative")
+	}
+	if h.Memory < 0 || h.MaxObjectSize < 0 {
+		return fmt.Errorf("memory and max_object_size cannot be negative")
 	}
 	burst := h.OriginBurst
 	if burst == 0 && perSecond > 0 {
@@ -162,6 +170,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	for i, rule := range h.Rules {
 		if len(rule.Path) == 0 {
 			return fmt.Errorf("rule %d: no path pattern", i)
+		}
+		for _, pattern := range rule.Path {
+			if err := checkPathPattern(pattern); err != nil {
+				return fmt.Errorf("rule %d: %w", i, err)
+			}
 		}
 		if err := rule.Path.Provision(ctx); err != nil {
 			return fmt.Errorf("rule %d: %w", i, err)
@@ -265,19 +278,72 @@ func parseRate(s string) (float64, error) {
 		return 0, nil
 	}
 	num, unit, ok := strings.Cut(s, "/")
-	n, err := strconv.ParseFloat(num, 64)
-	if !ok || err != nil || n <= 0 || math.IsInf(n, 0) || math.IsNaN(n) {
+	if !ok || !plainNumber(num) {
 		return 0, fmt.Errorf("invalid origin_rate %q: want <n>/<s|m|h>, e.g. 50/s", s)
+	}
+	n, err := strconv.ParseFloat(num, 64)
+	if err != nil || n <= 0 || math.IsInf(n, 0) {
+		return 0, fmt.Errorf("invalid origin_rate %q: want a positive number of fetches, e.g. 50/s", s)
 	}
 	switch unit {
 	case "s":
-		return n, nil
 	case "m":
-		return n / 60, nil
+		n /= 60
 	case "h":
-		return n / 3600, nil
+		n /= 3600
+	default:
+		return 0, fmt.Errorf("invalid origin_rate %q: unit must be s, m or h", s)
 	}
-	return 0, fmt.Errorf("invalid origin_rate %q: unit must be s, m or h", s)
+	if n < 1.0/3600 {
+		return 0, fmt.Errorf("invalid origin_rate %q: at least 1/h (omit origin_rate for no limit)", s)
+	}
+	return n, nil
+}
+
+// checkTagHeader refuses header fields that mean something else: the tag
+// header is removed from every response, so naming one of these would strip
+// cookies, caching directives or the body's framing from what clients get.
+func checkTagHeader(field string) error {
+	switch {
+	case strings.HasPrefix(field, "Content-"), strings.HasPrefix(field, "Access-Control-"):
+	case !slices.Contains(reservedHeaders, field):
+		return nil
+	}
+	return fmt.Errorf("tag_header %s: a header with its own meaning; use one of your own, such as Surrogate-Key", field)
+}
+
+// reservedHeaders are fields, in canonical form, that tag_header may not name.
+var reservedHeaders = []string{
+	"Accept-Ranges", "Age", "Allow", "Alt-Svc", "Authorization", "Cache-Control", "Cache-Status",
+	"Cdn-Cache-Control", "Connection", "Date", "Etag", "Expires", "Keep-Alive", "Last-Modified", "Link",
+	"Location", "Pragma", "Proxy-Authenticate", "Retry-After", "Server", "Set-Cookie", "Strict-Transport-Security",
+	"Surrogate-Control", "Trailer", "Transfer-Encoding", "Upgrade", "Vary", "Via", "Www-Authenticate",
+}
+
+// checkPathPattern refuses a path pattern that can never match: request paths
+// start with a slash, so a pattern must start with / or * (Caddy's path matcher).
+func checkPathPattern(pattern string) error {
+	if pattern == "" || (pattern[0] != '/' && pattern[0] != '*') {
+		return fmt.Errorf("path pattern %q never matches: it must start with / or *", pattern)
+	}
+	return nil
+}
+
+// plainNumber accepts decimal digits with an optional fraction: no sign,
+// exponent, hex or inf, which strconv.ParseFloat would also take.
+func plainNumber(s string) bool {
+	digits, frac, _ := strings.Cut(s, ".")
+	if digits == "" {
+		return false
+	}
+	for _, part := range []string{digits, frac} {
+		for _, c := range part {
+			if c < '0' || c > '9' {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // Validate is a no-op: Provision checks everything it resolves.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/allegro/bigcache/v3"
+	"github.com/dustin/go-humanize"
 )
 
 // metaAllowance is what an entry may take beyond its body: key, headers, times.
@@ -27,13 +28,10 @@ type store struct {
 
 // newStore makes a store of memory bytes able to hold entries of maxEntry bytes.
 func newStore(memory, maxEntry int64) (*store, error) {
-	if memory < 1<<20 {
-		return nil, fmt.Errorf("memory %d is below the minimum of 1MiB", memory)
+	if err := checkStoreSize(memory, maxEntry); err != nil {
+		return nil, err
 	}
 	slot := 4 * (maxEntry + metaAllowance)
-	if memory < slot {
-		return nil, fmt.Errorf("memory %d must be at least four times max_object_size plus 64KiB (%d)", memory, slot)
-	}
 	// Each shard must hold several of the largest entries; more shards mean
 	// less lock contention, so take the most that keep that true.
 	shards := 1
@@ -62,6 +60,19 @@ func newStore(memory, maxEntry int64) (*store, error) {
 	s.bc = bc
 	tuner.add(s) // its bytes are no reason for the GC to let garbage grow (gctune.go)
 	return s, nil
+}
+
+// checkStoreSize says whether a zone of memory bytes can hold entries of
+// maxObject bytes: bigcache needs each shard to fit several of the largest.
+func checkStoreSize(memory, maxObject int64) error {
+	if memory < 1<<20 {
+		return fmt.Errorf("memory %s is below the minimum of 1MiB", humanize.IBytes(uint64(max(memory, 0))))
+	}
+	if slot := 4 * (maxObject + metaAllowance); memory < slot {
+		return fmt.Errorf("memory %s must be at least four times max_object_size plus 64KiB (%s for max_object_size %s)",
+			humanize.IBytes(uint64(memory)), humanize.IBytes(uint64(slot)), humanize.IBytes(uint64(maxObject)))
+	}
+	return nil
 }
 
 // lookup finds the entry a request selects: the primary record, or through a
