@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -30,7 +31,8 @@ type fetchJob struct {
 	req        *http.Request // the request that started the flight; cloned, never used as is
 	owner      *http.Request // the client request the clone was made from: a private answer is its own
 	primary    string
-	key        string // the flight key: primary or a variant key
+	key        string // the entry's key: primary or a variant key
+	flightKey  string // the key its flight is known by (flightKey in serve.go); key when empty
 	stale      *entry // the stored entry being revalidated, or nil
 	pol        *policy
 	maxObject  int64
@@ -104,7 +106,7 @@ func (z *zone) runFlight(job fetchJob, f *flight) {
 			z.backoff.succeeded(job.key)
 		}
 	}
-	z.flights.finish(job.key, f, res)
+	z.flights.finish(cmp.Or(job.flightKey, job.key), f, res)
 	z.clusterFinish(job, f, res) // cluster mode (cluster_lock.go): share through L2, release the fleet lock
 }
 
@@ -231,8 +233,8 @@ func (z *zone) settle(job fetchJob, res *fetchResult) {
 		return
 	}
 	dec := decide(job.pol, job.req.Header, e.status, e.header, e.responseTime.Add(-e.fetchDuration), e.responseTime)
-	if res.revalid {
-		// The refreshed entry keeps its stored age base; only the policy is recomputed.
+	if res.revalid && !job.pol.ignoreOrigin {
+		// The refreshed entry takes the 304's age; only the policy is recomputed.
 		dec.initialAge = e.initialAge
 	}
 	res.reason = dec.reason

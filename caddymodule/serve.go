@@ -20,19 +20,29 @@ import (
 // ServeHTTP answers GET and HEAD from the zone when it can, forwards through
 // one coalesced, budgeted origin fetch when it must, and invalidates on unsafe methods.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.Context().Value(fetchingZoneKey{}) == h.zone {
+		// A second shield of the same zone behind the one fetching this request
+		// (two blocks in one route): joining its own flight would wait forever.
+		return next.ServeHTTP(w, r)
+	}
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
 	case http.MethodOptions, http.MethodTrace, http.MethodConnect:
-		h.outcome(w, r, "bypass", "shield; fwd=method") // RFC 9211: the method is never served from cache
+		h.outcome(w, r, "method", "shield; fwd=method") // RFC 9211: the method is never served from cache
 		return next.ServeHTTP(w, r)
 	default:
-		h.outcome(w, r, "bypass", "shield; fwd=method")
+		h.outcome(w, r, "method", "shield; fwd=method")
 		return h.serveUnsafe(w, r, next)
 	}
 	pol := h.policyFor(r)
 	if pol.bypass || r.Header.Get("Upgrade") != "" {
 		h.outcome(w, r, "bypass", "shield; fwd=bypass")
 		return next.ServeHTTP(w, r)
+	}
+	if hasBody(r) {
+		// A GET body has no defined meaning (RFC 9110 §9.3.1), but an API may
+		// read it: the answer may depend on it, so it is neither shared nor stored.
+		return h.passThrough(w, r, next, pol, "uncacheable", "shield; fwd=request; detail=request-body")
 	}
 
 	now := time.Now()
@@ -98,21 +108,23 @@ func (h *Handler) fetchAndServe(w http.ResponseWriter, r *http.Request, next cad
 	for attempt := 0; ; attempt++ {
 		now := time.Now()
 		canStale := stale != nil && stale.withinStaleWindow(now, stale.sie)
-		if canStale && !z.budget.available() && !z.flights.running(key) {
+		fk := flightKey(r, key)
+		if canStale && !z.budget.available() && !z.flights.running(fk) {
 			// RFC 5861 §4 applied to overload: a spent budget is an origin that cannot answer now.
 			return h.writeEntry(w, r, stale, false, true, now, "stale", staleStatus(stale.freshFor(now), "", "origin-budget"))
 		}
-		f, created := z.flights.join(key)
+		f, created := z.flights.join(fk)
 		collapsed := !created
 		if created {
 			if fresh, _ := z.store.lookup(primary, r.Header); fresh != nil && fresh.freshFor(now) > 0 &&
 				(stale == nil || fresh.responseTime.After(stale.responseTime)) {
 				// A flight that ended between our lookup and our join stored it already.
 				// Waiters that joined meanwhile share the entry: copy its header, as they do.
-				z.flights.finish(key, f, &fetchResult{resp: fresh, stored: true, shareable: true, status: fresh.status, reqHeader: r.Header})
+				z.flights.finish(fk, f, &fetchResult{resp: fresh, stored: true, shareable: true, status: fresh.status, reqHeader: r.Header})
 				return h.writeEntry(w, r, fresh, true, true, now, "hit", hitStatus(fresh.freshFor(now)))
 			}
 			job := h.newJob(r, next, pol, primary, key, stale)
+			job.flightKey = fk
 			go z.runFlight(job, f)
 		}
 		res, err := f.wait(r.Context(), pol.maxWait)
@@ -175,8 +187,11 @@ func (h *Handler) fetchAndServe(w http.ResponseWriter, r *http.Request, next cad
 // newJob describes the fetch for a flight. The request is cloned now, detached
 // from the client, so that the fetch may outlive it.
 func (h *Handler) newJob(r *http.Request, next caddyhttp.Handler, pol *policy, primary, key string, stale *entry) fetchJob {
-	out := r.Clone(context.WithoutCancel(r.Context()))
+	out := r.Clone(context.WithValue(context.WithoutCancel(r.Context()), fetchingZoneKey{}, h.zone))
 	out.Method = http.MethodGet
+	out.Body, out.ContentLength = http.NoBody, 0 // never read a client's body after it left
+	out.Header.Del("Content-Length")
+	out.Header.Del("Transfer-Encoding")
 	out.Header.Add("Surrogate-Capability", surrogateCapability)
 	for _, k := range conditionalHeaders {
 		out.Header.Del(k)
@@ -194,6 +209,25 @@ func (h *Handler) newJob(r *http.Request, next caddyhttp.Handler, pol *policy, p
 		maxObject: h.MaxObjectSize, tagHeader: h.tagHeader,
 	}
 }
+
+// flightKey is the coalescing key of a request for the entry key: requests
+// with credentials wait only on one another, since what their fetch gets is
+// shared with anonymous clients only when the origin says so (RFC 9111 §3.5),
+// and anonymous clients must not queue behind it to find that out.
+func flightKey(r *http.Request, key string) string {
+	if _, ok := r.Header["Authorization"]; ok {
+		return key + "\x00authorization"
+	}
+	return key
+}
+
+// hasBody says whether a request carries a body.
+func hasBody(r *http.Request) bool {
+	return r.ContentLength > 0 || (r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody)
+}
+
+// fetchingZoneKey marks the requests a zone's fetches send down the chain.
+type fetchingZoneKey struct{}
 
 // conditionalHeaders are answered by Shield from the full stored response.
 var conditionalHeaders = []string{"If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range", "Range"}
@@ -318,6 +352,9 @@ func (h *Handler) invalidate(primary string) {
 func (h *Handler) writeEntry(w http.ResponseWriter, r *http.Request, e *entry, shared, withAge bool, now time.Time, outcome, status string) error {
 	hdr := w.Header()
 	for k, v := range e.header {
+		if k == "Surrogate-Control" {
+			continue // for surrogates like Shield, not for clients (Edge Architecture 1.0)
+		}
 		if shared {
 			v = slices.Clone(v)
 		}
@@ -335,12 +372,23 @@ func (h *Handler) writeEntry(w http.ResponseWriter, r *http.Request, e *entry, s
 		}
 	}
 	h.outcome(w, r, outcome, status)
+	if upstream := e.header["Cache-Status"]; len(upstream) > 0 {
+		// Caches nearer the origin keep their entries, listed first (RFC 9211 §2).
+		hdr["Cache-Status"] = []string{strings.Join(upstream, ", ") + ", " + status}
+	}
 	if e.status == http.StatusOK && notModified(r, e) {
 		hdr.Del("Content-Length")
 		w.WriteHeader(http.StatusNotModified)
 		return nil
 	}
 	if e.status == http.StatusOK && r.Method == http.MethodGet && r.Header.Get("Range") != "" {
+		if zeroSuffixRange(r.Header.Get("Range")) {
+			// bytes=-0 selects nothing (RFC 9110 §14.1.3), which ServeContent answers with a 206.
+			hdr.Del("Content-Length")
+			hdr.Set("Content-Range", "bytes */"+strconv.Itoa(len(e.body)))
+			w.WriteHeader(http.StatusRequestedRangeNotSatisfiable)
+			return nil
+		}
 		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(e.body))
 		return nil
 	}
@@ -393,15 +441,17 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, code int, detai
 // notModified evaluates a client's conditional GET or HEAD against an entry
 // (RFC 9110 §13.2.2: If-None-Match first, If-Modified-Since only without it).
 func notModified(r *http.Request, e *entry) bool {
-	if inm := r.Header.Get("If-None-Match"); inm != "" {
+	if inm := r.Header.Values("If-None-Match"); len(inm) > 0 {
 		etag := e.header.Get("ETag")
 		if etag == "" {
 			return false
 		}
-		for _, cand := range strings.Split(inm, ",") {
-			cand = strings.TrimSpace(cand)
-			if cand == "*" || weakMatch(cand, etag) {
-				return true
+		for _, line := range inm { // a list may span field lines (RFC 9110 §5.3)
+			for cand := range strings.SplitSeq(line, ",") {
+				cand = strings.TrimSpace(cand)
+				if cand == "*" || weakMatch(cand, etag) {
+					return true
+				}
 			}
 		}
 		return false
@@ -421,6 +471,21 @@ func notModified(r *http.Request, e *entry) bool {
 		}
 	}
 	return !lm.After(ims)
+}
+
+// zeroSuffixRange says whether a Range asks only for zero-length suffixes,
+// which no representation can satisfy.
+func zeroSuffixRange(v string) bool {
+	spec, ok := strings.CutPrefix(strings.TrimSpace(v), "bytes=")
+	if !ok {
+		return false
+	}
+	for r := range strings.SplitSeq(spec, ",") {
+		if n, ok := strings.CutPrefix(strings.TrimSpace(r), "-"); !ok || strings.Trim(n, "0") != "" || n == "" {
+			return false
+		}
+	}
+	return true
 }
 
 func weakMatch(a, b string) bool {
@@ -461,13 +526,24 @@ type tagHidingWriter struct {
 }
 
 func (t *tagHidingWriter) WriteHeader(code int) {
-	t.ResponseWriter.Header().Del(t.field)
+	t.fixHeader()
 	t.ResponseWriter.WriteHeader(code)
 }
 
 func (t *tagHidingWriter) Write(p []byte) (int, error) {
-	t.ResponseWriter.Header().Del(t.field)
+	t.fixHeader()
 	return t.ResponseWriter.Write(p)
+}
+
+// fixHeader drops the tags and puts Shield's Cache-Status, set before the
+// origin's answer was copied in, after the upstream caches' (RFC 9211 §2).
+func (t *tagHidingWriter) fixHeader() {
+	hdr := t.ResponseWriter.Header()
+	hdr.Del(t.field)
+	delete(hdr, "Surrogate-Control")
+	if cs := hdr["Cache-Status"]; len(cs) > 1 && strings.HasPrefix(cs[0], "shield;") {
+		hdr["Cache-Status"] = []string{strings.Join(cs[1:], ", ") + ", " + cs[0]}
+	}
 }
 
 func hitStatus(freshFor time.Duration) string {
