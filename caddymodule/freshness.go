@@ -65,6 +65,11 @@ func decide(p *policy, reqHeader http.Header, status int, h http.Header, reqTime
 	var d decision
 	cc := parseCacheControl(h.Values("Cache-Control"))
 	d.initialAge = initialAge(h, reqTime, respTime)
+	if p.ignoreOrigin {
+		// The rule's ttl counts from the fetch: the origin's Age and Date are
+		// its own caching information, which ignore sets aside.
+		d.initialAge = max(respTime.Sub(reqTime), 0)
+	}
 
 	sc := parseSurrogateControl(h.Values("Surrogate-Control"), surrogateDevice)
 	if p.ignoreOrigin {
