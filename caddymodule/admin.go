@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -60,15 +61,28 @@ type purgeResponse struct {
 	Cluster *clusterPurgeReport `json:"cluster,omitempty"`
 }
 
+// maxPurgeBody bounds a purge request: one small JSON object.
+const maxPurgeBody = 64 << 10
+
 func (a *Admin) handlePurge(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodPost {
 		return apiError(http.StatusMethodNotAllowed, "use POST")
 	}
 	var req purgeRequest
-	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxPurgeBody+1))
+	if err != nil {
+		return apiError(http.StatusBadRequest, "reading the purge request: %v", err)
+	}
+	if len(body) > maxPurgeBody {
+		return apiError(http.StatusRequestEntityTooLarge, "purge request larger than %d bytes", maxPurgeBody)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
 		return apiError(http.StatusBadRequest, "invalid purge request: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return apiError(http.StatusBadRequest, "invalid purge request: one JSON object expected, found more after it")
 	}
 	targets := 0
 	for _, v := range []string{req.URL, req.Prefix, req.Tag} {

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"net"
 	"slices"
 	"strings"
 )
@@ -27,9 +28,12 @@ func (z *zone) purgeURL(primary string, soft bool) int {
 }
 
 // purgePrefix purges every URL whose path starts with prefix, on host when
-// host is not empty (compared without case).
+// host is not empty (compared without case; a host without a port matches it
+// on every port).
 func (z *zone) purgePrefix(host, prefix string, soft bool) int {
 	host = strings.ToLower(host)
+	_, _, noPort := net.SplitHostPort(host)
+	anyPort := host != "" && noPort != nil
 	keys := z.store.collect(func(key string, raw []byte) bool {
 		if soft && entryKind(raw) != kindResponse {
 			return false
@@ -39,7 +43,9 @@ func (z *zone) purgePrefix(host, prefix string, soft bool) int {
 		if slash < 0 {
 			return false
 		}
-		return (host == "" || p[:slash] == host) && strings.HasPrefix(p[slash:], prefix)
+		h := p[:slash]
+		onHost := host == "" || h == host || (anyPort && strings.HasPrefix(h, host+":"))
+		return onHost && strings.HasPrefix(p[slash:], prefix)
 	})
 	return z.store.purge(keys, soft)
 }
