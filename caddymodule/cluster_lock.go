@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +31,29 @@ type flightCluster struct {
 	lockKey string // the fleet lock held, "" when none
 	token   string
 	l1Only  bool // L2 said this URL's body is above max_l2_object_size
+	// fallback is a stale copy L2 holds, for a flight with none of its own:
+	// answered when the origin fails, within its stale-if-error window.
+	fallback *entry
+}
+
+// staleFromL2 decodes a stale entry L2 sent and keeps it in L1, so that this
+// instance too can answer it while the origin fails or the key refreshes. An
+// entry L2 holds as stale (soft-purged, or fresh by a clock ahead of ours)
+// stays stale here.
+func (z *zone) staleFromL2(recKey, payload string) *entry {
+	e, err := decodeEntry([]byte(payload))
+	if err != nil {
+		return nil
+	}
+	now := time.Now()
+	if e.freshFor(now) > 0 {
+		e.softPurged = true
+	}
+	if !e.withinStaleWindow(now, max(e.swr, e.sie)) {
+		return nil
+	}
+	_ = z.store.set(recKey, encodeEntry(e))
+	return e
 }
 
 // Lookup results of acquireScript.
@@ -40,24 +64,40 @@ const (
 	lookLock   = "lock"   // the fleet lock is ours, and the fleet token: fetch
 	lookWait   = "wait"   // another instance fetches: wait (PTTL of its lease)
 	lookBudget = "budget" // the key is free but the fleet budget is spent: no lock taken
+	lookStale  = "stale"  // a stale entry within its stale-while-revalidate window: answer it, refresh in the background
 )
+
+// failureShare is how long an origin failure stays in L2 for the fleet: the
+// instances waiting on the failed fetch take its answer instead of each
+// asking the origin in turn, and for this long so do new requests.
+const failureShare = time.Second
 
 // acquireScript: KEYS rec, lock, marker, primary rec, GCRA key; ARGV token,
 // lease (ms), now (ms, the caller's clock, as the entries' fresh-until), the
 // caller's vary spec ("" when it looks up the primary), then the GCRA
-// arguments (gcraFn; an empty interval when the rate is unlimited). The lock
-// and the token are taken together, or neither: a miss the budget refuses
-// costs one call and leaves no lock to release. Replies {kind, a, b}.
+// arguments (gcraFn; an empty interval when the rate is unlimited), then
+// whether a stale entry is wanted ("1": the caller has no stale copy of its
+// own). The lock and the token are taken together, or neither: a miss the
+// budget refuses costs one call and leaves no lock to release. Replies
+// {kind, a, b[, stale entry]}: a stale entry within its stale-while-revalidate
+// window is the answer (stale); past it, it rides along with marker, budget
+// and lock, as the fallback when the origin fails.
 var acquireScript = redis.NewScript(gcraFn + `
 if KEYS[4] ~= KEYS[1] then
 	local s = redis.call('HGET', KEYS[4], 's')
 	if s and s ~= ARGV[4] then return {'spec', s, ''} end
 end
-local r = redis.call('HMGET', KEYS[1], 'f', 'e', 's')
+local r = redis.call('HMGET', KEYS[1], 'f', 'e', 's', 'w')
 if r[3] then return {'spec', r[3], ''} end
-if r[2] and tonumber(r[1] or '0') > tonumber(ARGV[3]) then return {'hit', r[2], ''} end
+local now = tonumber(ARGV[3])
+if r[2] and tonumber(r[1] or '0') > now then return {'hit', r[2], ''} end
+local stale = ''
+if r[2] and ARGV[9] == '1' then
+	if tonumber(r[4] or '0') > now then return {'stale', r[2], ''} end
+	stale = r[2]
+end
 local m = redis.call('GET', KEYS[3])
-if m then return {'marker', m, ''} end
+if m then return {'marker', m, '', stale} end
 local pttl = redis.call('PTTL', KEYS[2])
 if pttl ~= -2 then return {'wait', string.format('%d', pttl), ''} end
 local delay, tokens = 0, 0
@@ -65,17 +105,17 @@ if ARGV[5] ~= '' then
 	local ok
 	ok, delay, tokens = gcra(KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
 	if not ok then
-		return {'budget', string.format('%d', math.floor(delay)), string.format('%d', math.floor(tokens * 1000))}
+		return {'budget', string.format('%d', math.floor(delay)), string.format('%d', math.floor(tokens * 1000)), stale}
 	end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {'lock', string.format('%d', math.floor(delay)), string.format('%d', math.floor(tokens * 1000))}
+return {'lock', string.format('%d', math.floor(delay)), string.format('%d', math.floor(tokens * 1000)), stale}
 `)
 
 // finishScript: KEYS rec, lock, marker, primary rec, variant set, tag sets...;
 // ARGV token ("" when no lock is held), mode (entry, marker or unlock),
 // payload (the encoded entry or the marker), fresh-until (ms), TTL (ms),
-// vary spec ("" when none), notify channel.
+// vary spec ("" when none), notify channel, stale-while-revalidate-until (ms).
 var finishScript = redis.NewScript(`
 local mode = ARGV[2]
 local ttl = tonumber(ARGV[5])
@@ -84,7 +124,7 @@ local function extend(k)
 end
 if mode == 'entry' then
 	redis.call('DEL', KEYS[1])
-	redis.call('HSET', KEYS[1], 'f', ARGV[4], 'e', ARGV[3])
+	redis.call('HSET', KEYS[1], 'f', ARGV[4], 'e', ARGV[3], 'w', ARGV[8])
 	redis.call('PEXPIRE', KEYS[1], ttl)
 	redis.call('DEL', KEYS[3])
 	if ARGV[6] ~= '' then
@@ -165,6 +205,19 @@ func (z *zone) clusterBeforeFetch(job *fetchJob, f *flight, res *fetchResult) bo
 			e := val.(*entry)
 			res.resp, res.status, res.stored, res.shareable, res.cluster = e, e.status, true, true, clusterL2Hit
 			return true
+		case kind == lookStale:
+			// Stale in L2 within its stale-while-revalidate window: every
+			// waiter answers it and starts the (one) background refresh.
+			giveBack()
+			e := val.(*entry)
+			res.resp, res.status, res.stored, res.shareable, res.cluster = e, e.status, true, true, clusterL2Stale
+			return true
+		case kind == lookMarker && strings.HasPrefix(val.(string), "f:"):
+			// The fetch another instance made failed moments ago: its answer, not another try.
+			giveBack()
+			shareFailure(res, strings.TrimPrefix(val.(string), "f:"))
+			res.fallback = fc.fallback
+			return true
 		case kind == lookBudget:
 			b.fleet.Store(true)
 			return reject(max(val.(gcraResult).wait, time.Second))
@@ -224,8 +277,56 @@ func (z *zone) clusterBeforeFetch(job *fetchJob, f *flight, res *fetchResult) bo
 		zc.metrics.degradedFetch()
 		res.cluster = clusterDegraded
 	}
+	if fc.fallback != nil && job.stale == nil {
+		// Revalidate L2's stale copy, and answer it if the origin fails.
+		job.stale, res.fallback = fc.fallback, fc.fallback
+		setValidators(job.req.Header, fc.fallback)
+	}
 	heldFlights.Store(f, fc)
 	return false
+}
+
+// failureMarker is what L2 keeps of a failed fetch for failureShare: the
+// origin's 5xx answer ("r:" and the encoded response, when it fits), or
+// what went wrong ("e:timeout", "e:error", "s:<status>").
+func failureMarker(res *fetchResult, maxL2 int64) (string, bool) {
+	switch {
+	case res.err == nil && res.status >= 500 && res.resp != nil:
+		if enc := encodeEntry(res.resp); int64(len(enc)) <= min(maxL2, 64<<10) {
+			return "f:r:" + string(enc), true
+		}
+		return "f:s:" + strconv.Itoa(res.status), true
+	case errors.Is(res.err, errOriginTimeout):
+		return "f:e:timeout", true
+	case res.err != nil && !errors.Is(res.err, errOriginBudget) && !errors.Is(res.err, errTooLarge) &&
+		!errors.Is(res.err, errZoneClosed) && !errors.Is(res.err, errTruncated):
+		return "f:e:error", true
+	}
+	return "", false
+}
+
+// shareFailure fills a result from another instance's failure marker.
+func shareFailure(res *fetchResult, marker string) {
+	res.cluster, res.shareable, res.owner = clusterL2Marker, true, nil
+	kind, rest, _ := strings.Cut(marker, ":")
+	switch kind {
+	case "r":
+		if e, err := decodeEntry([]byte(rest)); err == nil {
+			res.resp, res.status, res.reason = e, e.status, "origin-error"
+			return
+		}
+	case "s":
+		if code, err := strconv.Atoi(rest); err == nil && code >= 500 && code < 600 {
+			res.err, res.status = fmt.Errorf("origin answered %d on another instance", code), code
+			return
+		}
+	case "e":
+		if rest == "timeout" {
+			res.err = errOriginTimeout
+			return
+		}
+	}
+	res.err = errors.New("origin fetch failed on another instance")
 }
 
 // clusterLookup runs acquireScript for the flight's key until it has an
@@ -245,10 +346,12 @@ func (z *zone) clusterLookup(ctx context.Context, zc *zoneCluster, job *fetchJob
 	lease := msString(zc.cl.cfg.lease)
 	poll := 20 * time.Millisecond
 	waited, woken := false, false
+	wantStale := !job.background && job.stale == nil
 	for specs := 0; ; {
 		lockKey := zc.lockPrefix + recKey
 		wake, done := zc.cl.notify.subscribe(lockKey) // before asking: a release right after is not missed
 		args := append([]any{token, lease, time.Now().UnixMilli(), spec}, zc.gcraArgs(ctx, b, job.background, fleetBudget)...)
+		args = append(args, map[bool]string{true: "1", false: ""}[wantStale])
 		var reply []string
 		err := zc.cl.call(ctx, func(ctx context.Context) error {
 			var err error
@@ -257,7 +360,7 @@ func (z *zone) clusterLookup(ctx context.Context, zc *zoneCluster, job *fetchJob
 				args...).StringSlice()
 			return err
 		})
-		if err == nil && len(reply) != 3 {
+		if err == nil && len(reply) != 3 && len(reply) != 4 {
 			err = errors.New("cluster: unexpected lookup reply")
 		}
 		if err != nil {
@@ -268,7 +371,18 @@ func (z *zone) clusterLookup(ctx context.Context, zc *zoneCluster, job *fetchJob
 		if kind != lookWait {
 			done()
 		}
+		if len(reply) == 4 && reply[3] != "" {
+			fc.fallback = z.staleFromL2(recKey, reply[3])
+		}
 		switch kind {
+		case lookStale:
+			if e := z.staleFromL2(recKey, payload); e != nil && e.withinStaleWindow(time.Now(), e.swr) {
+				zc.metrics.hit()
+				return lookStale, e, nil
+			}
+			// Not usable here after all (clocks apart): fetch, holding the lock.
+			wantStale = false
+			continue
 		case lookSpec:
 			vs, ok := decodeVarySpec([]byte(payload))
 			if specs++; !ok || specs > 3 {
@@ -382,7 +496,7 @@ func (z *zone) clusterFinish(job fetchJob, f *flight, res *fetchResult) {
 	now := time.Now()
 	mode, payload, written := "unlock", "", ""
 	var recKey, spec string
-	var freshUntil int64
+	var freshUntil, swrUntil int64
 	var ttl time.Duration
 	var tags []string
 	switch {
@@ -398,8 +512,12 @@ func (z *zone) clusterFinish(job fetchJob, f *flight, res *fetchResult) {
 			break
 		}
 		mode, payload, written = "entry", string(encoded), "stored"
-		if fresh := e.freshFor(now); fresh > 0 {
+		fresh := e.freshFor(now)
+		if fresh > 0 {
 			freshUntil = now.Add(fresh).UnixMilli()
+		}
+		if e.swr > 0 && !e.mustRevalidate {
+			swrUntil = now.Add(fresh + e.swr).UnixMilli()
 		}
 		ttl = max(e.keepFor(), time.Second) // ends with the entry's longest stale window
 		tags = e.tags
@@ -407,6 +525,11 @@ func (z *zone) clusterFinish(job fetchJob, f *flight, res *fetchResult) {
 		mode, payload, written, ttl = "marker", "large", "marker", job.pol.uncacheableHint
 	case res.err == nil && !res.stored && !res.cluster.fromL2() && res.status < 500 && urlUncacheable(res.reason):
 		mode, payload, written, ttl = "marker", "u:"+res.reason, "marker", job.pol.uncacheableHint
+	case !res.cluster.fromL2() && fc.token != "":
+		// Only the lock holder speaks for the fleet: a degraded fetch's failure is its own.
+		if m, ok := failureMarker(res, zc.cl.cfg.maxL2); ok {
+			mode, payload, written, ttl = "marker", m, "failure", failureShare
+		}
 	}
 	if (fc.token == "" && mode == "unlock") || !zc.cl.healthy() {
 		return // nothing to say; or Redis is unreachable, and the lease runs out on its own
@@ -424,7 +547,7 @@ func (z *zone) clusterFinish(job fetchJob, f *flight, res *fetchResult) {
 	}
 	err := zc.cl.call(zc.cl.ctx, func(ctx context.Context) error {
 		return finishScript.Run(ctx, zc.cl.rdb, keys, fc.token, mode, payload,
-			freshUntil, max(ttl.Milliseconds(), 1), spec, zc.cl.key("notify")).Err()
+			freshUntil, max(ttl.Milliseconds(), 1), spec, zc.cl.key("notify"), swrUntil).Err()
 	})
 	switch {
 	case err != nil && written != "":

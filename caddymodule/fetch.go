@@ -67,6 +67,9 @@ type fetchResult struct {
 	status    int         // the origin's status (304 on revalidation)
 	// cluster says how cluster mode took part: an L2 hit, an L2 marker, a degraded fetch (cluster_lock.go).
 	cluster clusterNote
+	// fallback is a stale copy from L2 for waiters that have none of their
+	// own: answered within its stale-if-error window when the origin fails.
+	fallback *entry
 }
 
 // failed reports whether the origin failed: an error or a 5xx answer.

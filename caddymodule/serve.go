@@ -147,6 +147,10 @@ func (h *Handler) fetchAndServe(w http.ResponseWriter, r *http.Request, next cad
 			}
 			return caddyhttp.Error(499, err) // the client went away
 		}
+		if stale == nil && res.fallback != nil {
+			stale = res.fallback // cluster mode: L2's stale copy
+			canStale = stale.withinStaleWindow(now, stale.sie)
+		}
 		if res.failed() {
 			if canStale && stale.withinStaleWindow(now, stale.sie) {
 				return h.writeEntry(w, r, stale, false, true, now, "stale",
@@ -180,6 +184,11 @@ func (h *Handler) fetchAndServe(w http.ResponseWriter, r *http.Request, next cad
 			}
 			return h.passThrough(w, r, next, pol, "miss", "shield; fwd=vary-miss")
 		}
+		if res.cluster == clusterL2Stale {
+			// Cluster mode: another instance's copy, stale within its window.
+			h.refreshInBackground(r, next, pol, primary, key, res.resp)
+			return h.writeEntry(w, r, res.resp, true, true, now, "stale", staleStatus(res.resp.freshFor(now), "", "stale-while-revalidate"))
+		}
 		return h.writeResult(w, r, res, fwd, collapsed, now)
 	}
 }
@@ -197,12 +206,7 @@ func (h *Handler) newJob(r *http.Request, next caddyhttp.Handler, pol *policy, p
 		out.Header.Del(k)
 	}
 	if stale != nil {
-		if etag := stale.header.Get("ETag"); etag != "" {
-			out.Header.Set("If-None-Match", etag)
-		}
-		if lm := stale.header.Get("Last-Modified"); lm != "" {
-			out.Header.Set("If-Modified-Since", lm)
-		}
+		setValidators(out.Header, stale)
 	}
 	return fetchJob{
 		next: next, req: out, owner: r, primary: primary, key: key, stale: stale, pol: pol,
@@ -224,6 +228,16 @@ func flightKey(r *http.Request, key string) string {
 // hasBody says whether a request carries a body.
 func hasBody(r *http.Request) bool {
 	return r.ContentLength > 0 || (r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody)
+}
+
+// setValidators makes a fetch conditional on the stored entry's validators.
+func setValidators(h http.Header, stale *entry) {
+	if etag := stale.header.Get("ETag"); etag != "" {
+		h.Set("If-None-Match", etag)
+	}
+	if lm := stale.header.Get("Last-Modified"); lm != "" {
+		h.Set("If-Modified-Since", lm)
+	}
 }
 
 // fetchingZoneKey marks the requests a zone's fetches send down the chain.

@@ -652,3 +652,111 @@ func TestClusterRedisFailure(t *testing.T) {
 		f.waitMembers(in, 3, 5*time.Second)
 	}
 }
+
+// TestClusterOriginFailureShared: when the fetch that the fleet waits on
+// fails, every instance answers its failure: the others do not each ask the
+// origin in turn.
+func TestClusterOriginFailureShared(t *testing.T) {
+	needCluster(t)
+	release := make(chan struct{})
+	o := newOrigin(t, func(w http.ResponseWriter, r *http.Request, n int64) {
+		<-release
+		w.Header().Set("Retry-After", "9")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, "database down")
+	})
+	f := startFleet(t, 3, fleetConfig{redis: startRedis(t), prefix: "failshare", origin: o.hostPort(),
+		site: site("\t\tzone failshare\n\t\tmax_wait 10s")})
+	var wg sync.WaitGroup
+	results := make([]result, 30)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = f.get(f.instances[i%3], "/down")
+		}()
+	}
+	// Release once the two instances that do not hold the lock wait on it.
+	waiting := 0
+	deadline := time.Now().Add(10 * time.Second)
+	for waiting < 2 {
+		waiting = 0
+		for _, in := range f.instances {
+			if s, err := in.stats(); err == nil && s.Zones[0].Cluster.LockWaits > 0 {
+				waiting++
+			}
+		}
+		if time.Now().After(deadline) {
+			close(release)
+			t.Fatalf("only %d instances wait on the fleet lock", waiting)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(release)
+	wg.Wait()
+	for i, r := range results {
+		if r.err != nil || r.status != http.StatusServiceUnavailable || r.body != "database down" {
+			t.Fatalf("request %d on %s: %d %q (%s) %v, want the origin's 503", i, f.instances[i%3].name, r.status, r.body, r.cacheStatus, r.err)
+		}
+	}
+	if got := o.hits.Load(); got != 1 {
+		t.Fatalf("origin saw %d requests, want 1: the failure is shared, not retried by each instance", got)
+	}
+	t.Logf("30 requests over 3 instances, origin failing: origin count 1; answers %v", statusCounts(results))
+}
+
+// TestClusterStaleCopiesFromL2: an instance that never held a key answers
+// L2's stale copy: at once within stale-while-revalidate (one refresh for the
+// fleet), and within stale-if-error when the origin fails.
+func TestClusterStaleCopiesFromL2(t *testing.T) {
+	needCluster(t)
+	var failing atomic.Bool
+	o := newOrigin(t, func(w http.ResponseWriter, r *http.Request, n int64) {
+		if failing.Load() {
+			w.WriteHeader(http.StatusInternalServerError)
+			return
+		}
+		if strings.HasPrefix(r.URL.Path, "/swr") {
+			w.Header().Set("Cache-Control", "max-age=1, stale-while-revalidate=60")
+		} else {
+			w.Header().Set("Cache-Control", "max-age=1, stale-if-error=60")
+		}
+		fmt.Fprintf(w, "%s v%d", r.URL.Path, n)
+	})
+	f := startFleet(t, 3, fleetConfig{redis: startRedis(t), prefix: "l2stale", origin: o.hostPort(),
+		site: site("\t\tzone l2stale")})
+	a, b, c := f.instances[0], f.instances[1], f.instances[2]
+
+	first := f.mustGet(a, "/swr")
+	f.mustGet(a, "/sie")
+	received := time.Now()
+	time.Sleep(time.Until(received.Add(1100 * time.Millisecond))) // both stale now
+
+	// stale-while-revalidate on an instance with no copy of its own.
+	r := f.mustGet(b, "/swr")
+	if r.body != first.body || !strings.Contains(r.cacheStatus, "fwd=stale") || !strings.Contains(r.cacheStatus, "detail=stale-while-revalidate") {
+		t.Fatalf("instance %s: %q (%s), want L2's stale copy at once", b.name, r.body, r.cacheStatus)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if r := f.mustGet(b, "/swr"); strings.HasPrefix(r.cacheStatus, "shield; hit") && r.body != first.body {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("instance %s never got the refreshed copy", b.name)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	// stale-if-error on an instance with no copy of its own, the origin failing.
+	failing.Store(true)
+	before := o.hits.Load()
+	r = f.mustGet(c, "/sie")
+	if r.body != "/sie v2" || !strings.Contains(r.cacheStatus, "fwd=stale") || !strings.Contains(r.cacheStatus, "origin-status-500") {
+		t.Fatalf("instance %s with the origin failing: %q (%s), want L2's stale copy", c.name, r.body, r.cacheStatus)
+	}
+	if got := o.hits.Load() - before; got != 1 {
+		t.Fatalf("origin asked %d times for the failing key, want 1", got)
+	}
+	t.Logf("L2 stale copies: swr answered at once by an instance with none (%s), sie answered while the origin fails (%s)", first.body, r.cacheStatus)
+}
