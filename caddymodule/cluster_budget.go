@@ -141,18 +141,28 @@ func (b *clusterBudget) tokens() float64 {
 func (b *clusterBudget) inFlight() int { return b.local.inFlight() }
 
 // fallback takes the local share after a Redis failure (or while the breaker
-// is open). Switching from the fleet to the local bucket empties it first,
-// and pushes its next token past the fleet's last known reservation: the
-// fleet may have spent its burst this second and granted tokens up to
-// max_wait ahead, and every instance's share starts only after those.
+// is open). Switching from the fleet to the local bucket leaves it this
+// instance's share of the tokens the fleet had when Redis last answered,
+// when that was within the last second (an idle fleet keeps serving misses
+// at once), and none otherwise; and it pushes its next token past the fleet's
+// last known reservation: the fleet may have spent its burst this second and
+// granted tokens up to max_wait ahead, and every share starts after those.
 func (b *clusterBudget) fallback() *budget {
 	zc := b.zc.Load()
 	if b.fleet.Swap(false) {
-		drainLimiter(b.local)
+		keep := 0
 		if perSecond, burst, _ := b.numbers(); zc != nil && perSecond > 0 {
-			if ahead := -zc.snap.tokens(perSecond, burst, time.Now()); ahead > 0 {
-				indebt(b.local, int(math.Ceil(ahead/float64(zc.cl.shareDivisor()))))
+			now := time.Now()
+			n := float64(zc.cl.shareDivisor())
+			if fleet, ok := zc.snap.recentTokens(perSecond, burst, now, time.Second); ok && fleet >= n {
+				keep = int(fleet / n)
 			}
+			drainLimiterTo(b.local, keep)
+			if ahead := -zc.snap.tokens(perSecond, burst, now); ahead > 0 {
+				indebt(b.local, int(math.Ceil(ahead/n)))
+			}
+		} else {
+			drainLimiterTo(b.local, 0)
 		}
 	}
 	if zc != nil {
@@ -257,14 +267,14 @@ func (g *localGrants) take() int {
 	return n
 }
 
-// drainLimiter spends the tokens left in a local bucket.
-func drainLimiter(b *budget) {
+// drainLimiterTo spends the tokens of a local bucket beyond keep.
+func drainLimiterTo(b *budget, keep int) {
 	lim := b.limiter()
 	if lim.Limit() == rate.Inf {
 		return
 	}
 	now := time.Now()
-	if n := int(lim.TokensAt(now)); n > 0 {
+	if n := int(lim.TokensAt(now)) - keep; n > 0 {
 		lim.AllowN(now, n)
 	}
 }
@@ -718,6 +728,17 @@ func (s *budgetSnapshot) tokens(perSecond float64, burst int, now time.Time) flo
 		return float64(burst)
 	}
 	return min(float64(burst), s.tokensN+now.Sub(s.tokensAt).Seconds()*perSecond)
+}
+
+// recentTokens is tokens, when the count was read from Redis within maxAge.
+func (s *budgetSnapshot) recentTokens(perSecond float64, burst int, now time.Time, maxAge time.Duration) (float64, bool) {
+	s.mu.Lock()
+	fresh := s.haveToken && now.Sub(s.tokensAt) <= maxAge
+	s.mu.Unlock()
+	if !fresh {
+		return 0, false
+	}
+	return s.tokens(perSecond, burst, now), true
 }
 
 func (s *budgetSnapshot) slotsInUse() int {

@@ -3,7 +3,9 @@ package caddymodule
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"math"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -345,6 +347,107 @@ func TestFallbackStartsAfterFleetReservations(t *testing.T) {
 	}
 	if b.fallback() != local || b.fleet.Load() {
 		t.Fatal("the second fallback must not switch again")
+	}
+}
+
+// TestFallbackKeepsShareOfIdleFleet: a fleet seen idle (full bucket) a moment
+// ago leaves each instance its share of the tokens, so a miss right after
+// Redis fails does not wait; a fleet last seen long ago leaves none.
+func TestFallbackKeepsShareOfIdleFleet(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		seen time.Duration // how long ago the fleet's tokens were read
+		want float64       // local tokens after the switch, at least
+		max  float64
+	}{
+		{"seen just now", 0, 9, 10},
+		{"seen long ago", 5 * time.Second, -1, 0.5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cl := &cluster{cfg: clusterConfig{fallback: "share"}, zones: map[string]*zoneCluster{}}
+			cl.liveMembers.Store(3)
+			zc := newZoneCluster(cl, "z")
+			b := newZoneBudget()
+			b.configure(30, 30, 0)
+			b.attach(zc) // the local share: 10/s, burst 10, full
+			b.fleet.Store(true)
+			zc.snap.setTokens(30, time.Now().Add(-tc.seen))
+			got := b.fallback().limiter().Tokens()
+			if got < tc.want || got > tc.max {
+				t.Fatalf("local tokens %.2f after the switch, want within [%v, %v]", got, tc.want, tc.max)
+			}
+		})
+	}
+}
+
+// TestFailureMarkers: what an origin failure leaves in L2, and what another
+// instance makes of it.
+func TestFailureMarkers(t *testing.T) {
+	resp := &entry{status: 503, header: http.Header{"Retry-After": {"7"}}, body: []byte("down"), responseTime: time.Now()}
+	for _, tc := range []struct {
+		name       string
+		res        *fetchResult
+		wantMarker bool
+		check      func(t *testing.T, got *fetchResult)
+	}{
+		{"5xx answer", &fetchResult{status: 503, resp: resp}, true, func(t *testing.T, got *fetchResult) {
+			if got.resp == nil || got.status != 503 || string(got.resp.body) != "down" || got.resp.header.Get("Retry-After") != "7" {
+				t.Fatalf("shared answer %+v", got.resp)
+			}
+		}},
+		{"timeout", &fetchResult{err: errOriginTimeout}, true, func(t *testing.T, got *fetchResult) {
+			if !errors.Is(got.err, errOriginTimeout) {
+				t.Fatalf("err %v, want the origin timeout", got.err)
+			}
+		}},
+		{"connection error", &fetchResult{err: errors.New("dial tcp: refused")}, true, func(t *testing.T, got *fetchResult) {
+			if got.err == nil || !got.failed() {
+				t.Fatalf("want a failure, got %+v", got)
+			}
+		}},
+		{"budget refusal is no failure", &fetchResult{err: errOriginBudget}, false, nil},
+		{"too large is no failure", &fetchResult{err: errTooLarge}, false, nil},
+		{"a 404 is an answer", &fetchResult{status: 404, resp: resp}, false, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, ok := failureMarker(tc.res, 1<<20)
+			if ok != tc.wantMarker {
+				t.Fatalf("marker %q (%v), want one: %v", m, ok, tc.wantMarker)
+			}
+			if !ok {
+				return
+			}
+			got := &fetchResult{}
+			shareFailure(got, strings.TrimPrefix(m, "f:"))
+			if !got.failed() || !got.shareable || got.cluster != clusterL2Marker {
+				t.Fatalf("shared result %+v: want a shareable failure from L2", got)
+			}
+			tc.check(t, got)
+		})
+	}
+	// A 5xx answer too large to keep in L2 is shared as its status.
+	big := &entry{status: 502, header: http.Header{}, body: make([]byte, 100<<10), responseTime: time.Now()}
+	m, _ := failureMarker(&fetchResult{status: 502, resp: big}, 1<<20)
+	got := &fetchResult{}
+	shareFailure(got, strings.TrimPrefix(m, "f:"))
+	if m != "f:s:502" || got.status != 502 || got.err == nil {
+		t.Fatalf("large 5xx: marker %q, shared %+v", m, got)
+	}
+}
+
+// TestUnservingReplies: error replies that mean Redis cannot serve count as failures.
+func TestUnservingReplies(t *testing.T) {
+	for msg, want := range map[string]bool{
+		"OOM command not allowed when used memory > 'maxmemory'.":  true,
+		"READONLY You can't write against a read only replica.":    true,
+		"WRONGPASS invalid username-password pair":                 true,
+		"NOAUTH Authentication required.":                          true,
+		"ERR unknown command":                                      false,
+		"WRONGTYPE Operation against a key holding the wrong kind": false,
+	} {
+		if got := unservingReply(errors.New(msg)); got != want {
+			t.Errorf("%q: %v, want %v", msg, got, want)
+		}
 	}
 }
 
