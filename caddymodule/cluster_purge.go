@@ -99,22 +99,32 @@ func (z *zone) clusterInvalidate(primary string) {
 	err := cl.call(context.Background(), func(ctx context.Context) error {
 		_, err := cl.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			urlPurgeScript.Eval(ctx, p, zc.urlKeys(primary), "0") // Eval: EVALSHA cannot fall back inside a pipeline
-			p.XAdd(ctx, cl.purgeArgs(body))
+			cl.publishScriptRun(ctx, p, body)
 			return nil
 		})
 		return err
 	})
 	if err != nil {
 		cl.queuePurge(msg)
+		return
 	}
+	clusterPurgesTotal.WithLabelValues("sent").Inc()
 }
 
 func (zc *zoneCluster) urlKeys(primary string) []string {
 	return []string{zc.recPrefix + primary, zc.varPrefix + primary, zc.markPrefix + primary}
 }
 
-func (c *cluster) purgeArgs(body []byte) *redis.XAddArgs {
-	return &redis.XAddArgs{Stream: c.key("purge"), MaxLen: purgeStreamLen, Approx: true, Values: []any{"m", body}}
+// publishScript appends a purge to the stream with the next number of the
+// fleet's purge sequence, so that a reader can tell when the stream was
+// trimmed past entries it never read. KEYS stream, sequence; ARGV body, max length.
+var publishScript = redis.NewScript(`
+local n = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1], 'n', n)
+`)
+
+func (c *cluster) publishScriptRun(ctx context.Context, r redis.Scripter, body []byte) *redis.Cmd {
+	return publishScript.Eval(ctx, r, []string{c.key("purge"), c.key("purge-seq")}, string(body), purgeStreamLen)
 }
 
 // purgeL2 applies a purge to the zones' records in Redis.
@@ -277,7 +287,7 @@ func (c *cluster) publishPurge(ctx context.Context, msg purgeMessage) (string, e
 	var id string
 	err := c.call(ctx, func(ctx context.Context) error {
 		var err error
-		id, err = c.rdb.XAdd(ctx, c.purgeArgs(body)).Result()
+		id, err = c.publishScriptRun(ctx, c.rdb, body).Text()
 		return err
 	})
 	if err == nil {
@@ -381,6 +391,7 @@ func (c *cluster) consumePurges() {
 	defer c.wg.Done()
 	stream := c.key("purge")
 	last := ""
+	var seq int64 // the purge sequence number of last (0: not known)
 	for c.ctx.Err() == nil {
 		if !c.breaker.allow() {
 			sleepCtx(c.ctx, probeInterval)
@@ -390,14 +401,24 @@ func (c *cluster) consumePurges() {
 			// Start after the newest entry: this instance's L1 holds nothing older.
 			ctx, cancel := context.WithTimeout(c.ctx, time.Second)
 			msgs, err := c.rdb.XRevRangeN(ctx, stream, "+", "-", 1).Result()
+			var n int64
+			if err == nil {
+				n, err = c.rdb.Get(ctx, c.key("purge-seq")).Int64()
+				if errors.Is(err, redis.Nil) {
+					err = nil
+				}
+			}
 			cancel()
 			if err != nil {
 				sleepCtx(c.ctx, probeInterval)
 				continue
 			}
-			last = "0-0"
+			last, seq = "0-0", n
 			if len(msgs) > 0 {
 				last = msgs[0].ID
+				if s, ok := purgeSeq(msgs[0]); ok {
+					seq = s
+				}
 			}
 		}
 		ctx, cancel := context.WithTimeout(c.ctx, purgeBlock+time.Second)
@@ -414,6 +435,10 @@ func (c *cluster) consumePurges() {
 			continue
 		}
 		for _, s := range streams {
+			var gap bool
+			if seq, gap = purgeGap(seq, s.Messages); gap {
+				c.softPurgeAll()
+			}
 			for _, m := range s.Messages {
 				c.applyPurge(m)
 				last = m.ID
@@ -423,6 +448,47 @@ func (c *cluster) consumePurges() {
 		_ = c.rdb.Set(ctx, c.key("ack", c.id), last, time.Minute).Err()
 		cancel()
 	}
+}
+
+// purgeGap says whether entries are missing between the one numbered seq
+// (the last applied; 0 when not known) and msgs, read right after it: the
+// stream was trimmed (at purgeStreamLen) past purges this instance never
+// read, while it was cut off. It returns the number of the last of msgs.
+func purgeGap(seq int64, msgs []redis.XMessage) (last int64, gap bool) {
+	last = seq
+	for _, m := range msgs {
+		n, ok := purgeSeq(m)
+		if !ok {
+			continue // from an instance that does not number its purges
+		}
+		if last > 0 && n > last+1 {
+			gap = true
+		}
+		last = max(last, n)
+	}
+	return last, gap
+}
+
+// purgeSeq is a stream entry's number in the fleet's purge sequence.
+func purgeSeq(m redis.XMessage) (int64, bool) {
+	v, _ := m.Values["n"].(string)
+	n, err := strconv.ParseInt(v, 10, 64)
+	return n, err == nil && n > 0
+}
+
+// softPurgeAll makes every entry of this cluster's zones stale, after purges
+// were lost: each is revalidated before its next fresh use, while its stale
+// windows keep protecting the origin.
+func (c *cluster) softPurgeAll() {
+	n := 0
+	for _, z := range liveZones() {
+		if zc := z.clusterOf(); zc != nil && zc.cl == c {
+			n += z.purgeAll(true)
+		}
+	}
+	clusterPurgesTotal.WithLabelValues("gap").Inc()
+	c.log().Warn("cluster: purges were trimmed from the stream before this instance read them; every entry is now stale (soft purge)",
+		zap.Int("entries", n))
 }
 
 // applyPurge applies one stream entry to the local zones of this cluster.

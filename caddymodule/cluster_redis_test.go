@@ -17,6 +17,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
 
@@ -303,5 +304,67 @@ func TestClusterPurgeStream(t *testing.T) {
 	}
 	if e, _ := zb.store.lookup("api.test/p", http.Header{}); e != nil {
 		t.Fatal("the other instance still holds the purged entry")
+	}
+}
+
+// TestClusterPurgeGap: purges trimmed from the stream before an instance read
+// them are detected by their sequence numbers, and the instance's entries
+// become stale.
+func TestClusterPurgeGap(t *testing.T) {
+	addr, _ := testRedis(t)
+	a := testCluster(t, addr, "gap", nil)
+	stream := a.key("purge")
+	ctx := context.Background()
+	var ids []string
+	for i := range 5 {
+		id, err := a.publishPurge(ctx, purgeMessage{URL: fmt.Sprintf("api.test/%d", i), From: "other"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	read := func(after string) []redis.XMessage {
+		t.Helper()
+		msgs, err := a.rdb.XRange(ctx, stream, "("+after, "+").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return msgs
+	}
+	if last, gap := purgeGap(2, read(ids[1])); gap || last != 5 {
+		t.Fatalf("nothing trimmed: gap %v, last %d", gap, last)
+	}
+	// Trim to the newest two: the entry after ids[1] (the third) is lost.
+	if err := a.rdb.XTrimMaxLen(ctx, stream, 2).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, gap := purgeGap(2, read(ids[1])); !gap {
+		t.Fatal("entries after the last applied trimmed: no gap seen")
+	}
+	if _, gap := purgeGap(3, read(ids[2])); gap {
+		t.Fatal("only entries already applied trimmed: gap seen")
+	}
+	if _, gap := purgeGap(0, read(ids[1])); gap {
+		t.Fatal("a reader that does not know its position sees no gap")
+	}
+
+	// softPurgeAll makes the cluster's entries stale, and keeps them.
+	z, err := newZone(zoneShape{name: "gap-z", memory: 8 << 20, maxObject: 1 << 20}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	z.budget.(*clusterBudget).attach(a.zone("gap-z"))
+	if _, _, err := zones.LoadOrNew("test|gap-z", func() (caddy.Destructor, error) { return z, nil }); err != nil {
+		t.Fatal(err)
+	}
+	defer zones.Delete("test|gap-z")
+	e := &entry{status: 200, header: http.Header{}, body: []byte("x"), responseTime: time.Now(), lifetime: time.Minute, swr: time.Minute}
+	if err := z.store.put("api.test/g", http.Header{}, e); err != nil {
+		t.Fatal(err)
+	}
+	a.softPurgeAll()
+	got, _ := z.store.lookup("api.test/g", http.Header{})
+	if got == nil || got.freshFor(time.Now()) > 0 || !got.withinStaleWindow(time.Now(), got.swr) {
+		t.Fatalf("after the gap: %+v, want the entry kept, stale, within its window", got)
 	}
 }
