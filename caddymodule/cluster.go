@@ -310,11 +310,11 @@ func (t *RedisTLS) config(opts *redis.Options) (*tls.Config, error) {
 //	    }
 //	}
 func parseShieldOption(d *caddyfile.Dispenser, existing any) (any, error) {
+	d.Next() // the option's name
 	if existing != nil {
 		return nil, d.Err("shield global option already specified")
 	}
 	app := new(App)
-	d.Next() // the option's name
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
@@ -348,6 +348,7 @@ func parseShieldOption(d *caddyfile.Dispenser, existing any) (any, error) {
 func parseRedisBlock(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	rc := new(RedisConfig)
 	seen := map[string]bool{}
+	var addressAt, leaseAt srcPos
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		name := d.Val()
 		if seen[name] {
@@ -357,10 +358,14 @@ func parseRedisBlock(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		var err error
 		switch name {
 		case "address":
+			addressAt = posOf(d)
 			rc.Address, err = oneArg(d)
 		case "key_prefix":
 			rc.KeyPrefix, err = oneArg(d)
 		case "timeout", "dial_timeout", "lease":
+			if name == "lease" {
+				leaseAt = posOf(d)
+			}
 			var dur *caddy.Duration
 			if dur, err = durationArg(d); err == nil {
 				if *dur == 0 {
@@ -403,6 +408,16 @@ func parseRedisBlock(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	}
 	if rc.Address == "" {
 		return nil, d.Err("cluster redis needs an address")
+	}
+	// What resolve would refuse, refused here with the line, unless
+	// placeholders leave it to load time.
+	if strings.Contains(rc.Address, "://") && !strings.Contains(rc.Address, "{") {
+		if _, err := redis.ParseURL(rc.Address); err != nil {
+			return nil, addressAt.errf("invalid cluster redis address: %v", err)
+		}
+	}
+	if rc.Lease != 0 && time.Duration(rc.Lease) < 300*time.Millisecond {
+		return nil, leaseAt.errf("lease must be at least 300ms")
 	}
 	return rc, nil
 }
@@ -548,10 +563,13 @@ const (
 	clusterL2Hit                // the entry came from L2, not from the origin
 	clusterL2Marker             // L2 said the URL is not storable: nothing was fetched here
 	clusterDegraded             // fetched without the cluster: Redis was unreachable
+	clusterL2Stale              // a stale entry from L2, within its stale-while-revalidate window
 )
 
 // fromL2 says nothing was fetched: settle has nothing to store.
-func (n clusterNote) fromL2() bool { return n == clusterL2Hit || n == clusterL2Marker }
+func (n clusterNote) fromL2() bool {
+	return n == clusterL2Hit || n == clusterL2Marker || n == clusterL2Stale
+}
 
 // writeClusterResult answers a waiter from a result the cluster took part in:
 // an L2 hit is a hit (`shield; hit; ttl=N; detail=l2-hit`), a fetch made
@@ -593,6 +611,7 @@ type clusterState struct {
 	Members       []memberInfo `json:"members"`
 	BudgetShare   int          `json:"budget_share_divisor"` // N in budget/N while degraded
 	RedisErrors   uint64       `json:"redis_errors"`
+	LastError     string       `json:"last_error,omitempty"` // the last Redis failure seen
 }
 
 // zoneClusterStats is a zone's cluster counters in GET /shield/stats.
@@ -623,6 +642,7 @@ func clusterStats() *clusterState {
 	s := &clusterState{
 		State: "ok", Address: cl.cfg.address, KeyPrefix: cl.cfg.prefix, Fallback: cl.cfg.fallback,
 		Member: cl.id, Members: cl.members(), BudgetShare: cl.shareDivisor(), RedisErrors: cl.redisErrors.Load(),
+		LastError: cl.lastError(),
 	}
 	if !cl.healthy() {
 		s.State = "degraded"

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -75,6 +76,7 @@ type cluster struct {
 	liveMembers atomic.Int64 // members seen at the last heartbeat (at least 1)
 	rejoined    atomic.Int64 // when the breaker last closed (unix ns)
 	redisErrors atomic.Uint64
+	lastErr     atomic.Value // string: the last Redis failure, for logs and stats
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -214,13 +216,30 @@ func (c *cluster) callTimeout(ctx context.Context, d time.Duration, op func(ctx 
 // is up and answering; only timeouts and connection errors count.
 func (c *cluster) observe(err error) {
 	var reply redis.Error
-	if err == nil || errors.Is(err, redis.Nil) || (errors.As(err, &reply) && !errors.Is(err, context.DeadlineExceeded)) {
+	if err == nil || errors.Is(err, redis.Nil) ||
+		(errors.As(err, &reply) && !errors.Is(err, context.DeadlineExceeded) && !unservingReply(err)) {
 		c.breaker.success()
 		return
 	}
 	c.redisErrors.Add(1)
 	clusterRedisErrors.Inc()
+	c.lastErr.Store(err.Error())
 	c.breaker.failure()
+}
+
+// unservingReply says whether an error reply means this Redis cannot serve
+// the cluster now (full, read-only, loading, failing over, refusing our
+// credentials), which counts as a failure like a timeout: the fleet falls
+// back rather than have every fetch fail its Redis step.
+func unservingReply(err error) bool {
+	msg := err.Error()
+	for _, prefix := range []string{"OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "CLUSTERDOWN",
+		"TRYAGAIN", "BUSY", "NOAUTH", "WRONGPASS", "NOPERM", "NOREPLICAS"} {
+		if strings.HasPrefix(msg, prefix) {
+			return true
+		}
+	}
+	return false
 }
 
 // isRedisFailure tells a failed Redis call from an answer (including redis.Nil).
@@ -239,9 +258,9 @@ func (c *cluster) breakerChanged(open bool) {
 	zcs := c.zoneList()
 	c.mu.Unlock()
 	if open {
-		c.log().Warn("cluster degraded: redis unreachable; serving from the local cache with the fallback budget",
+		c.log().Warn("cluster degraded: redis unreachable or unable to serve; serving from the local cache with the fallback budget",
 			zap.String("address", c.cfg.address), zap.String("fallback", c.cfg.fallback),
-			zap.Int64("members", c.liveMembers.Load()))
+			zap.Int64("members", c.liveMembers.Load()), zap.String("last_error", c.lastError()))
 	} else {
 		c.log().Info("cluster rejoined", zap.String("address", c.cfg.address))
 	}
@@ -250,6 +269,12 @@ func (c *cluster) breakerChanged(open bool) {
 			b.applyShare()
 		}
 	}
+}
+
+// lastError is the last Redis failure seen, "" when none.
+func (c *cluster) lastError() string {
+	v, _ := c.lastErr.Load().(string)
+	return v
 }
 
 // zoneList returns the attached zones; c.mu must be held.
@@ -325,6 +350,7 @@ func (c *cluster) probe() {
 	ctx, cancel := context.WithTimeout(c.ctx, max(c.cfg.timeout, 250*time.Millisecond))
 	defer cancel()
 	if err := c.rdb.Ping(ctx).Err(); err != nil {
+		c.lastErr.Store(err.Error()) // for stats: why the cluster stays degraded
 		return
 	}
 	if err := c.heartbeat(ctx); err != nil {
