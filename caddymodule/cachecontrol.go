@@ -170,8 +170,50 @@ func parseDelta(v string) (time.Duration, bool) {
 
 // parseHTTPDate parses an HTTP-date in any of the three formats of RFC 9110 §5.6.7.
 func parseHTTPDate(v string) (time.Time, bool) {
-	t, err := http.ParseTime(strings.TrimSpace(v))
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return time.Time{}, false // absent: not worth three failed parses
+	}
+	if t, ok := parseIMFFixdate(v); ok {
+		return t, true
+	}
+	t, err := http.ParseTime(v) // the obsolete RFC 850 and asctime forms too
 	return t, err == nil
+}
+
+// parseIMFFixdate reads the preferred HTTP date form ("Sun, 06 Nov 1994
+// 08:49:37 GMT", RFC 9110 §5.6.7) without allocating, as conditional
+// requests on the hit path need; anything else is left to http.ParseTime.
+func parseIMFFixdate(v string) (time.Time, bool) {
+	if len(v) != 29 || v[3] != ',' || v[4] != ' ' || v[7] != ' ' || v[11] != ' ' || v[16] != ' ' ||
+		v[19] != ':' || v[22] != ':' || v[25:] != " GMT" {
+		return time.Time{}, false
+	}
+	num := func(s string) (int, bool) {
+		n := 0
+		for i := 0; i < len(s); i++ {
+			if s[i] < '0' || s[i] > '9' {
+				return 0, false
+			}
+			n = n*10 + int(s[i]-'0')
+		}
+		return n, true
+	}
+	day, ok1 := num(v[5:7])
+	year, ok2 := num(v[12:16])
+	hour, ok3 := num(v[17:19])
+	minute, ok4 := num(v[20:22])
+	sec, ok5 := num(v[23:25])
+	month := strings.Index("JanFebMarAprMayJunJulAugSepOctNovDec", v[8:11])
+	if !(ok1 && ok2 && ok3 && ok4 && ok5) || month < 0 || month%3 != 0 ||
+		day < 1 || day > 31 || hour > 23 || minute > 59 || sec > 60 {
+		return time.Time{}, false
+	}
+	t := time.Date(year, time.Month(month/3+1), day, hour, minute, sec, 0, time.UTC)
+	if t.Day() != day || !strings.Contains("MonTueWedThuFriSatSun", v[:3]) {
+		return time.Time{}, false // 31 Feb, or not a day name: let the full parser judge
+	}
+	return t, true
 }
 
 // headerTokens reports the comma-separated, lower-cased tokens of header lines.

@@ -1,6 +1,8 @@
 package caddymodule
 
 import (
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -107,5 +109,33 @@ func TestParseDelta(t *testing.T) {
 		if got != tc.want || ok != tc.ok {
 			t.Errorf("parseDelta(%q) = %v, %v; want %v, %v", tc.in, got, ok, tc.want, tc.ok)
 		}
+	}
+}
+
+// TestParseHTTPDateForms: the fast IMF-fixdate reader agrees with
+// http.ParseTime, and the other forms still parse.
+func TestParseHTTPDateForms(t *testing.T) {
+	for _, v := range []string{
+		"Sun, 06 Nov 1994 08:49:37 GMT",  // IMF-fixdate
+		"Sunday, 06-Nov-94 08:49:37 GMT", // RFC 850
+		"Sun Nov  6 08:49:37 1994",       // asctime
+		" Tue, 29 Feb 2028 23:59:59 GMT ",
+	} {
+		got, ok := parseHTTPDate(v)
+		want, err := http.ParseTime(strings.TrimSpace(v))
+		if !ok || err != nil || !got.Equal(want) {
+			t.Errorf("%q: %v %v, want %v %v", v, got, ok, want, err)
+		}
+	}
+	for _, v := range []string{
+		"Sun, 31 Feb 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:49:37 GMT", "Sun, 06 Xyz 1994 08:49:37 GMT",
+		"Sun, 06 Nov 1994 08:49:37 UTC", "Sun, 6 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 19x4 08:49:37 GMT", "",
+	} {
+		if got, ok := parseHTTPDate(v); ok {
+			t.Errorf("%q parsed as %v, want refused", v, got)
+		}
+	}
+	if n := testing.AllocsPerRun(100, func() { parseHTTPDate("Sun, 06 Nov 1994 08:49:37 GMT") }); n != 0 {
+		t.Errorf("IMF-fixdate parse allocates %.0f times", n)
 	}
 }

@@ -68,7 +68,7 @@ var benchZoneSeq atomic.Int64
 
 // benchHandler provisions a Shield handler as Caddy would (rule /users/* with
 // ttl 1h, its own zone of 256MiB), with a silent logger.
-func benchHandler(b *testing.B) *Handler {
+func benchHandler(b testing.TB) *Handler {
 	b.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	ttl := caddy.Duration(time.Hour)
@@ -101,7 +101,7 @@ func caddyRequest(method, target string) *http.Request {
 
 // warm stores the requests' keys through a miss each, and checks that the
 // next request for each is a hit.
-func warm(b *testing.B, h *Handler, next *benchOrigin, reqs ...*http.Request) {
+func warm(b testing.TB, h *Handler, next *benchOrigin, reqs ...*http.Request) {
 	b.Helper()
 	w := newDiscardWriter()
 	for _, r := range reqs {
@@ -113,6 +113,45 @@ func warm(b *testing.B, h *Handler, next *benchOrigin, reqs ...*http.Request) {
 			if got := w.header.Get("Cache-Status"); !strings.Contains(got, want) {
 				b.Fatalf("%s request %d: Cache-Status %q, want %q", r.URL, i, got, want)
 			}
+		}
+	}
+}
+
+// maxHitAllocs is issue 5's bound on heap allocations per hit in ServeHTTP.
+const maxHitAllocs = 10
+
+// TestHitAllocations holds the hit path to maxHitAllocs allocations: a hit
+// on a stored key, answered in full, as a HEAD, and as a 304.
+func TestHitAllocations(t *testing.T) {
+	if testing.Short() {
+		t.Skip("allocation counts in -short mode are skipped")
+	}
+	h, next := benchHandler(t), &benchOrigin{}
+	warm(t, h, next, caddyRequest("GET", "http://example.com/users/1"))
+	for _, tc := range []struct {
+		name   string
+		method string
+		header []string
+		status int
+	}{
+		{"get", "GET", nil, 200},
+		{"head", "HEAD", nil, 200},
+		{"conditional", "GET", []string{"If-Modified-Since", time.Now().Add(time.Hour).UTC().Format(http.TimeFormat)}, 304},
+	} {
+		r := caddyRequest(tc.method, "http://example.com/users/1")
+		for i := 0; i+1 < len(tc.header); i += 2 {
+			r.Header.Set(tc.header[i], tc.header[i+1])
+		}
+		w := newDiscardWriter()
+		allocs := testing.AllocsPerRun(200, func() {
+			w.reset()
+			_ = h.ServeHTTP(w, r, next)
+		})
+		if w.status != tc.status || !strings.HasPrefix(w.header.Get("Cache-Status"), "shield; hit") {
+			t.Fatalf("%s: status %d, Cache-Status %q: not a hit", tc.name, w.status, w.header.Get("Cache-Status"))
+		}
+		if allocs > maxHitAllocs {
+			t.Errorf("%s: %.1f allocations per hit, want at most %d", tc.name, allocs, maxHitAllocs)
 		}
 	}
 }
