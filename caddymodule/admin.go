@@ -117,16 +117,7 @@ func (a *Admin) handlePurge(w http.ResponseWriter, r *http.Request) error {
 	}
 	n := 0
 	for _, z := range targetZones {
-		switch {
-		case req.URL != "":
-			n += z.purgeURL(primary, req.Soft)
-		case req.Prefix != "":
-			n += z.purgePrefix(req.Host, req.Prefix, req.Soft)
-		case req.Tag != "":
-			n += z.purgeTag(req.Tag, req.Soft)
-		default:
-			n += z.purgeAll(req.Soft)
-		}
+		n += z.purge(primary, req.Prefix, req.Host, req.Tag, req.Soft)
 	}
 	z0 := "*"
 	if req.Zone != "" {

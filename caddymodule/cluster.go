@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -569,35 +568,6 @@ const (
 // fromL2 says nothing was fetched: settle has nothing to store.
 func (n clusterNote) fromL2() bool {
 	return n == clusterL2Hit || n == clusterL2Marker || n == clusterL2Stale
-}
-
-// writeClusterResult answers a waiter from a result the cluster took part in:
-// an L2 hit is a hit (`shield; hit; ttl=N; detail=l2-hit`), a fetch made
-// while Redis was unreachable says so (`detail=cluster-degraded`).
-func (h *Handler) writeClusterResult(w http.ResponseWriter, r *http.Request, res *fetchResult, fwd string, collapsed bool, now time.Time) error {
-	if res.cluster == clusterL2Hit {
-		return h.writeEntry(w, r, res.resp, true, true, now, "hit", hitStatus(res.resp.freshFor(now))+"; detail=l2-hit")
-	}
-	var b strings.Builder
-	b.WriteString("shield; fwd=")
-	b.WriteString(fwd)
-	b.WriteString("; fwd-status=")
-	b.WriteString(strconv.Itoa(res.status))
-	if res.stored {
-		b.WriteString("; stored")
-	}
-	outcome := "miss"
-	if collapsed {
-		b.WriteString("; collapsed")
-		outcome = "coalesced"
-	}
-	b.WriteString("; detail=")
-	if !res.stored && res.reason != "" {
-		b.WriteString(res.reason)
-	} else {
-		b.WriteString("cluster-degraded")
-	}
-	return h.writeEntry(w, r, res.resp, true, res.stored, now, outcome, b.String())
 }
 
 // clusterState is the cluster in GET /shield/stats.

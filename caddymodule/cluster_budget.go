@@ -378,19 +378,26 @@ func (zc *zoneCluster) backgroundBudget(ctx context.Context, b *clusterBudget, u
 	return b.fallbackBackground()
 }
 
+// tokenTerms are how a fetch asks the fleet for a token: a miss reserves one
+// up to budgetWait ahead of its deadline, a refresh takes one only now, with
+// a reserve left for misses.
+func (zc *zoneCluster) tokenTerms(ctx context.Context, burst int, background bool) (maxDelay time.Duration, reserve int) {
+	if background {
+		return 0, reserveOf(burst)
+	}
+	if deadline, ok := ctx.Deadline(); ok {
+		maxDelay = zc.budgetWait(time.Until(deadline))
+	}
+	return maxDelay, 0
+}
+
 // fleetAcquire takes a GCRA token (reserving one up to the ctx deadline
 // ahead, then sleeping until it) and a leased slot. background asks for both
 // free now with a reserve left. A Redis failure returns that error.
 func (zc *zoneCluster) fleetAcquire(ctx context.Context, b *clusterBudget, background bool) (release func(), retryAfter time.Duration, err error) {
 	perSecond, burst, concurrency := b.numbers()
 	if perSecond > 0 {
-		var maxDelay time.Duration
-		reserve := 0
-		if background {
-			reserve = reserveOf(burst)
-		} else if deadline, ok := ctx.Deadline(); ok {
-			maxDelay = zc.budgetWait(time.Until(deadline))
-		}
+		maxDelay, reserve := zc.tokenTerms(ctx, burst, background)
 		g, err := zc.gcra(ctx, perSecond, burst, maxDelay, reserve)
 		if err != nil {
 			return nil, 0, err

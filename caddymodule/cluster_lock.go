@@ -464,13 +464,7 @@ func (zc *zoneCluster) gcraArgs(ctx context.Context, b *clusterBudget, backgroun
 	if perSecond <= 0 || !fleetBudget {
 		return []any{"", 0, 0, 0}
 	}
-	var maxDelay time.Duration
-	reserve := 0
-	if background {
-		reserve = reserveOf(burst)
-	} else if deadline, ok := ctx.Deadline(); ok {
-		maxDelay = zc.budgetWait(time.Until(deadline))
-	}
+	maxDelay, reserve := zc.tokenTerms(ctx, burst, background)
 	return []any{strconv.FormatFloat(1e6/perSecond, 'f', 3, 64), burst, maxDelay.Microseconds(), reserve}
 }
 

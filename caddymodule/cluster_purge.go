@@ -504,16 +504,7 @@ func (c *cluster) applyPurge(m redis.XMessage) {
 		if zc == nil || zc.cl != c || (msg.Zone != "" && msg.Zone != z.shape.name) {
 			continue
 		}
-		switch {
-		case msg.URL != "":
-			n += z.purgeURL(msg.URL, msg.Soft)
-		case msg.Prefix != "":
-			n += z.purgePrefix(msg.Host, msg.Prefix, msg.Soft)
-		case msg.Tag != "":
-			n += z.purgeTag(msg.Tag, msg.Soft)
-		default:
-			n += z.purgeAll(msg.Soft)
-		}
+		n += z.purge(msg.URL, msg.Prefix, msg.Host, msg.Tag, msg.Soft)
 	}
 	clusterPurgesTotal.WithLabelValues("received").Inc()
 	if ce := c.log().Check(zapcore.DebugLevel, "cluster: purge received"); ce != nil {

@@ -6,6 +6,20 @@ import (
 	"strings"
 )
 
+// purge applies one purge to the zone: of a URL (its cache key), a path
+// prefix (on host, when given), a tag, or, with none of them, everything.
+func (z *zone) purge(primary, prefix, host, tag string, soft bool) int {
+	switch {
+	case primary != "":
+		return z.purgeURL(primary, soft)
+	case prefix != "":
+		return z.purgePrefix(host, prefix, soft)
+	case tag != "":
+		return z.purgeTag(tag, soft)
+	}
+	return z.purgeAll(soft)
+}
+
 // purgeURL purges one URL's records: its entry, or its vary spec and every
 // variant under it.
 func (z *zone) purgeURL(primary string, soft bool) int {

@@ -416,10 +416,21 @@ func (h *Handler) writeEntry(w http.ResponseWriter, r *http.Request, e *entry, s
 	return nil
 }
 
-// writeResult answers a waiter from a fetch result.
+// writeResult answers a waiter from a fetch result. In cluster mode an L2
+// hit is a hit (detail=l2-hit), and a fetch made while Redis was unreachable
+// says so (detail=cluster-degraded).
 func (h *Handler) writeResult(w http.ResponseWriter, r *http.Request, res *fetchResult, fwd string, collapsed bool, now time.Time) error {
-	if res.cluster != clusterNone {
-		return h.writeClusterResult(w, r, res, fwd, collapsed, now) // cluster mode (cluster.go): l2-hit, cluster-degraded
+	if res.cluster == clusterL2Hit {
+		return h.writeEntry(w, r, res.resp, true, true, now, "hit", hitStatus(res.resp.freshFor(now))+"; detail=l2-hit")
+	}
+	var detail string
+	switch {
+	case !res.stored && res.reason != "" && (!collapsed || res.cluster != clusterNone):
+		detail = res.reason
+	case res.cluster == clusterDegraded:
+		detail = "cluster-degraded"
+	case collapsed:
+		detail = "coalesced"
 	}
 	var b strings.Builder
 	b.WriteString("shield; fwd=")
@@ -431,11 +442,12 @@ func (h *Handler) writeResult(w http.ResponseWriter, r *http.Request, res *fetch
 	}
 	outcome := "miss"
 	if collapsed {
-		b.WriteString("; collapsed; detail=coalesced")
+		b.WriteString("; collapsed")
 		outcome = "coalesced"
-	} else if !res.stored && res.reason != "" {
+	}
+	if detail != "" {
 		b.WriteString("; detail=")
-		b.WriteString(res.reason)
+		b.WriteString(detail)
 	}
 	return h.writeEntry(w, r, res.resp, true, res.stored, now, outcome, b.String())
 }
