@@ -490,7 +490,10 @@ func TestClusterRedisFailure(t *testing.T) {
 		mu.Unlock()
 		t.Logf("%s: %s", time.Now().Format("15:04:05.000"), p)
 	}
-	// Probes: a cold key and a hot key every 20 ms, round-robin over the instances.
+	// Probes: a cold key and a hot key every 20 ms, round-robin over the
+	// instances, on connections of their own: the budget load's requests
+	// may hold the shared client's connections while they wait for tokens.
+	probeClient := newClient(64)
 	traffic.Add(1)
 	go func() {
 		defer traffic.Done()
@@ -514,7 +517,7 @@ func TestClusterRedisFailure(t *testing.T) {
 					mu.Lock()
 					p := phase
 					mu.Unlock()
-					r := f.get(in, path)
+					r := f.getVia(probeClient, in, path)
 					mu.Lock()
 					probes = append(probes, probe{r, p, cold})
 					mu.Unlock()

@@ -382,7 +382,16 @@ func (f *fleet) get(in *instance, path string) result {
 	return f.do(context.Background(), http.MethodGet, in, path, nil)
 }
 
+// getVia is get through another client (its own connections).
+func (f *fleet) getVia(c *http.Client, in *instance, path string) result {
+	return f.doVia(c, context.Background(), http.MethodGet, in, path, nil)
+}
+
 func (f *fleet) do(ctx context.Context, method string, in *instance, path string, trace *httptrace.ClientTrace) result {
+	return f.doVia(f.client, ctx, method, in, path, trace)
+}
+
+func (f *fleet) doVia(c *http.Client, ctx context.Context, method string, in *instance, path string, trace *httptrace.ClientTrace) result {
 	if trace != nil {
 		ctx = httptrace.WithClientTrace(ctx, trace)
 	}
@@ -392,7 +401,7 @@ func (f *fleet) do(ctx context.Context, method string, in *instance, path string
 	}
 	req.Host = host
 	start := time.Now()
-	resp, err := f.client.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return result{err: err, latency: time.Since(start)}
 	}
