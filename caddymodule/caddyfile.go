@@ -76,48 +76,51 @@ func (s *srcPositions) at(option string) srcPos {
 
 // fileZone is a zone as one block of the Caddyfile declares it.
 type fileZone struct {
-	memory, maxObject int64
-	budget            [3]string // origin_rate, origin_burst, origin_concurrency as written ("" when not)
-	hasBudget         bool
-	cluster           string
-	pos               srcPos
+	claim   zoneClaim
+	cluster string // on or off, as it applies
+	pos     srcPos
 }
 
 // claimZoneInFile records the block's zone in the adapter's state and refuses
-// a second block that gives the zone another size, budget or cluster mode.
+// a second block that gives the zone another size, budget or cluster mode:
+// what claimZone and claimClusterMode refuse at Provision, with the line.
 func claimZoneInFile(state map[string]any, h *Handler, clustered bool) error {
 	zonesSeen, _ := state["shield.zones"].(map[string]fileZone)
 	if zonesSeen == nil {
 		zonesSeen = map[string]fileZone{}
 		state["shield.zones"] = zonesSeen
 	}
-	name := cmp.Or(h.Zone, defaultZone)
+	budget, err := h.declaredBudget()
+	if err != nil {
+		return h.src.at("origin_rate").errf("%v", err)
+	}
 	cur := fileZone{
-		memory: cmp.Or(h.Memory, defaultMemory), maxObject: cmp.Or(h.MaxObjectSize, defaultMaxObjectSize),
-		budget:    [3]string{h.OriginRate, strconv.Itoa(h.OriginBurst), strconv.Itoa(h.OriginConcurrency)},
-		hasBudget: h.OriginRate != "" || h.OriginBurst != 0 || h.OriginConcurrency != 0,
-		cluster:   h.Cluster, pos: h.src.at("zone"),
+		claim: zoneClaim{
+			shape: zoneShape{name: cmp.Or(h.Zone, defaultZone), memory: cmp.Or(h.Memory, defaultMemory),
+				maxObject: cmp.Or(h.MaxObjectSize, defaultMaxObjectSize)},
+			budget: budget,
+		},
+		cluster: h.Cluster, pos: h.src.at("zone"),
 	}
 	if cur.cluster == "" {
 		cur.cluster = map[bool]string{true: "on", false: "off"}[clustered]
 	}
+	name := cur.claim.shape.name
 	prev, ok := zonesSeen[name]
 	if !ok {
 		zonesSeen[name] = cur
 		return nil
 	}
 	where := fmt.Sprintf(" (first declared at %s:%d)", prev.pos.file, prev.pos.line)
-	switch {
-	case prev.memory != cur.memory || prev.maxObject != cur.maxObject:
-		return cur.pos.errf("zone %q is declared twice with different sizes (memory, max_object_size)%s", name, where)
-	case prev.hasBudget && cur.hasBudget && prev.budget != cur.budget:
-		return cur.pos.errf("zone %q is declared twice with different origin budgets (origin_rate, origin_burst, origin_concurrency)%s", name, where)
-	case prev.cluster != cur.cluster:
+	joined, err := prev.claim.join(cur.claim)
+	if err != nil {
+		return cur.pos.errf("%v%s", err, where)
+	}
+	if prev.cluster != cur.cluster {
 		return cur.pos.errf("zone %q is declared with cluster on and off%s", name, where)
 	}
-	if !prev.hasBudget && cur.hasBudget {
-		zonesSeen[name] = cur
-	}
+	prev.claim = joined
+	zonesSeen[name] = prev
 	return nil
 }
 

@@ -307,7 +307,7 @@ func TestCaddyfileAcrossBlocks(t *testing.T) {
 		name, input, wantErr string
 	}{
 		{"zone with two sizes", ":8080 {\n\tshield {\n\t\tzone api\n\t\tmemory 64MiB\n\t}\n}\n:8081 {\n\tshield {\n\t\tzone api\n\t\tmemory 32MiB\n\t}\n}\n",
-			`zone "api" is declared twice with different sizes (memory, max_object_size) (first declared at Caddyfile:3), at Caddyfile:9`},
+			`zone "api" is declared twice with different sizes (memory 67108864 and 33554432, max_object_size 1048576 and 1048576) (first declared at Caddyfile:3), at Caddyfile:9`},
 		{"default zone with two sizes", ":8080 {\n\tshield\n}\n:8081 {\n\tshield {\n\t\tmax_object_size 2MiB\n\t}\n}\n",
 			`zone "default" is declared twice with different sizes`},
 		{"zone with two budgets", ":8080 {\n\tshield {\n\t\tzone api\n\t\torigin_rate 5/s\n\t}\n\thandle /x {\n\t\tshield {\n\t\t\tzone api\n\t\t\torigin_rate 6/s\n\t\t}\n\t}\n}\n",
@@ -330,6 +330,8 @@ func TestCaddyfileAcrossBlocks(t *testing.T) {
 	for _, ok := range []string{
 		":8080 {\n\tshield {\n\t\tzone api\n\t\torigin_rate 5/s\n\t}\n}\n:8081 {\n\tshield {\n\t\tzone api\n\t\tttl 1m\n\t}\n}\n",
 		":8080 {\n\tshield\n}\n:8081 {\n\tshield {\n\t\tcluster off\n\t}\n}\n",
+		// The same budget written two ways: as Provision reads it, not as written.
+		":8080 {\n\tshield {\n\t\tzone api\n\t\torigin_rate 5/s\n\t}\n}\n:8081 {\n\tshield {\n\t\tzone api\n\t\torigin_rate 300/m\n\t\torigin_burst 5\n\t}\n}\n",
 	} {
 		if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(ok), nil); err != nil {
 			t.Fatalf("agreeing blocks refused: %v\n%s", err, ok)

@@ -144,19 +144,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := checkTagHeader(h.tagHeader); err != nil {
 		return err
 	}
-	perSecond, err := parseRate(h.OriginRate)
+	declared, err := h.declaredBudget()
 	if err != nil {
 		return err
 	}
-	if h.OriginBurst < 0 || h.OriginConcurrency < 0 {
-		return fmt.Errorf("origin_burst and origin_concurrency cannot be negative")
-	}
 	if h.Memory < 0 || h.MaxObjectSize < 0 {
 		return fmt.Errorf("memory and max_object_size cannot be negative")
-	}
-	burst := h.OriginBurst
-	if burst == 0 && perSecond > 0 {
-		burst = max(1, int(math.Ceil(perSecond)))
 	}
 
 	base := policy{
@@ -191,7 +184,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("registering metrics: %w", err)
 	}
 	shape := zoneShape{name: h.Zone, memory: h.Memory, maxObject: h.MaxObjectSize}
-	effective, err := claimZone(ctx, shape, budgetShape{perSecond, burst, h.OriginConcurrency})
+	effective, err := claimZone(ctx, shape, declared)
 	if err != nil {
 		return err
 	}
@@ -420,6 +413,39 @@ type zoneClaim struct {
 	budget budgetShape
 }
 
+// declaredBudget is the origin budget the block declares (zero when none):
+// origin_rate in fetches a second, origin_burst defaulting to one second of it.
+func (h *Handler) declaredBudget() (budgetShape, error) {
+	perSecond, err := parseRate(h.OriginRate)
+	if err != nil {
+		return budgetShape{}, err
+	}
+	if h.OriginBurst < 0 || h.OriginConcurrency < 0 {
+		return budgetShape{}, fmt.Errorf("origin_burst and origin_concurrency cannot be negative")
+	}
+	burst := h.OriginBurst
+	if burst == 0 && perSecond > 0 {
+		burst = max(1, int(math.Ceil(perSecond)))
+	}
+	return budgetShape{perSecond, burst, h.OriginConcurrency}, nil
+}
+
+// join is the zone as two blocks declare it: the same sizes, and the budget
+// one of them declares (blocks that declare none share it).
+func (c zoneClaim) join(next zoneClaim) (zoneClaim, error) {
+	if c.shape != next.shape {
+		return c, fmt.Errorf("zone %q is declared twice with different sizes (memory %d and %d, max_object_size %d and %d)",
+			next.shape.name, c.shape.memory, next.shape.memory, c.shape.maxObject, next.shape.maxObject)
+	}
+	switch {
+	case next.budget == (budgetShape{}) || next.budget == c.budget:
+		return c, nil
+	case c.budget == (budgetShape{}):
+		return next, nil
+	}
+	return c, fmt.Errorf("zone %q is declared twice with different origin budgets (origin_rate, origin_burst, origin_concurrency)", next.shape.name)
+}
+
 // claimZone records a block's zone and returns the budget the config gives it:
 // the one a block declares (blocks that declare none share it).
 func claimZone(ctx caddy.Context, shape zoneShape, b budgetShape) (budgetShape, error) {
@@ -437,23 +463,15 @@ func claimZone(ctx caddy.Context, shape zoneShape, b budgetShape) (budgetShape, 
 			claimsMu.Unlock()
 		})
 	}
-	prev, ok := m[shape.name]
-	if !ok {
-		m[shape.name] = zoneClaim{shape, b}
-		return b, nil
+	cur := zoneClaim{shape, b}
+	if prev, ok := m[shape.name]; ok {
+		var err error
+		if cur, err = prev.join(cur); err != nil {
+			return b, err
+		}
 	}
-	if prev.shape != shape {
-		return b, fmt.Errorf("zone %q is declared twice with different sizes (memory %d and %d, max_object_size %d and %d)",
-			shape.name, prev.shape.memory, shape.memory, prev.shape.maxObject, shape.maxObject)
-	}
-	switch {
-	case b == (budgetShape{}) || b == prev.budget:
-		return prev.budget, nil
-	case prev.budget == (budgetShape{}):
-		m[shape.name] = zoneClaim{shape, b}
-		return b, nil
-	}
-	return b, fmt.Errorf("zone %q is declared twice with different origin budgets (origin_rate, origin_burst, origin_concurrency)", shape.name)
+	m[shape.name] = cur
+	return cur.budget, nil
 }
 
 // Interface guards
