@@ -189,18 +189,13 @@ func (b *budget) tokens() float64 {
 	return lim.Tokens()
 }
 
-// retryAfter estimates when the next token is free, at least one second.
+// retryAfter estimates when the next token is free, in whole seconds, at least one.
 func (b *budget) retryAfter() time.Duration {
 	lim := b.limiter()
-	perSecond := lim.Limit()
-	if perSecond == rate.Inf || perSecond <= 0 {
+	if lim.Limit() == rate.Inf || lim.Limit() <= 0 {
 		return time.Second
 	}
-	missing := 1 - lim.Tokens()
-	if missing <= 0 {
-		return time.Second
-	}
-	secs := math.Min(math.Ceil(missing/float64(perSecond)), maxRetryAfter.Seconds())
+	secs := math.Ceil(tokenWait(lim, time.Now()).Seconds())
 	return max(time.Duration(secs)*time.Second, time.Second)
 }
 

@@ -322,38 +322,54 @@ func (zc *zoneCluster) afterLock(ctx context.Context, b *clusterBudget, g gcraRe
 	if perSecond > 0 {
 		chargeToken(b.local)
 	}
-	if g.wait > 0 {
-		t := time.NewTimer(g.wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, g.wait, false, errOriginBudget // the reserved token is lost: the rate stays honest
-		}
+	if !waitForToken(ctx, g.wait) {
+		return nil, g.wait, false, errOriginBudget
 	}
-	var slot string
-	if concurrency > 0 {
-		reserve := 0
-		if background {
-			reserve = reserveOf(concurrency)
+	slot, err := zc.slotFor(ctx, concurrency, background)
+	switch {
+	case err == nil:
+	case errors.Is(err, errOriginBudget) || ctx.Err() != nil:
+		return nil, zc.snap.retryAfter(perSecond, burst), false, errOriginBudget
+	case background:
+		release, ok := b.fallbackBackground()
+		if !ok {
+			return nil, 0, true, errOriginBudget
 		}
-		slot, err = zc.takeSlot(ctx, concurrency, reserve, !background)
-		switch {
-		case err == nil:
-		case errors.Is(err, errOriginBudget) || ctx.Err() != nil:
-			return nil, zc.snap.retryAfter(perSecond, burst), false, errOriginBudget
-		case background:
-			release, ok := b.fallbackBackground()
-			if !ok {
-				return nil, 0, true, errOriginBudget
-			}
-			return release, 0, true, nil
-		default:
-			release, retryAfter, err = b.fallbackAcquire(ctx)
-			return release, retryAfter, true, err
-		}
+		return release, 0, true, nil
+	default:
+		release, retryAfter, err = b.fallbackAcquire(ctx)
+		return release, retryAfter, true, err
 	}
 	return zc.granted(b, slot), 0, false, nil
+}
+
+// waitForToken sleeps until a reserved fleet token's time; false when ctx
+// ended first (the token is lost: the rate stays honest).
+func waitForToken(ctx context.Context, wait time.Duration) bool {
+	if wait <= 0 {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// slotFor leases a fleet slot for a fetch, "" when there is no concurrency
+// limit; a refresh leaves a reserve of slots for misses.
+func (zc *zoneCluster) slotFor(ctx context.Context, concurrency int, background bool) (string, error) {
+	if concurrency <= 0 {
+		return "", nil
+	}
+	reserve := 0
+	if background {
+		reserve = reserveOf(concurrency)
+	}
+	return zc.takeSlot(ctx, concurrency, reserve, !background)
 }
 
 // backgroundBudget takes the budget of a refresh that could not take its
@@ -406,29 +422,16 @@ func (zc *zoneCluster) fleetAcquire(ctx context.Context, b *clusterBudget, backg
 			return nil, max(g.wait, time.Second), errOriginBudget
 		}
 		chargeToken(b.local)
-		if g.wait > 0 {
-			t := time.NewTimer(g.wait)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return nil, g.wait, errOriginBudget // the reserved token is lost: the rate stays honest
-			}
+		if !waitForToken(ctx, g.wait) {
+			return nil, g.wait, errOriginBudget
 		}
 	}
-	var slot string
-	if concurrency > 0 {
-		reserve := 0
-		if background {
-			reserve = reserveOf(concurrency)
+	slot, err := zc.slotFor(ctx, concurrency, background)
+	if err != nil {
+		if errors.Is(err, errOriginBudget) {
+			return nil, zc.snap.retryAfter(perSecond, burst), errOriginBudget
 		}
-		slot, err = zc.takeSlot(ctx, concurrency, reserve, !background)
-		if err != nil {
-			if errors.Is(err, errOriginBudget) {
-				return nil, zc.snap.retryAfter(perSecond, burst), errOriginBudget
-			}
-			return nil, 0, err
-		}
+		return nil, 0, err
 	}
 	return zc.granted(b, slot), 0, nil
 }

@@ -482,11 +482,7 @@ func notModified(r *http.Request, e *entry) bool {
 		}
 		return false
 	}
-	imsValue := r.Header.Get("If-Modified-Since")
-	if imsValue == "" {
-		return false
-	}
-	ims, ok := parseHTTPDate(imsValue)
+	ims, ok := parseHTTPDate(r.Header.Get("If-Modified-Since"))
 	if !ok {
 		return false
 	}
