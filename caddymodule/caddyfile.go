@@ -103,7 +103,10 @@ func claimZoneInFile(state map[string]any, h *Handler, clustered bool) error {
 		cluster: h.Cluster, pos: h.src.at("zone"),
 	}
 	if cur.cluster == "" {
-		cur.cluster = map[bool]string{true: "on", false: "off"}[clustered]
+		cur.cluster = "off"
+		if clustered {
+			cur.cluster = "on"
+		}
 	}
 	name := cur.claim.shape.name
 	prev, ok := zonesSeen[name]

@@ -351,7 +351,11 @@ func (z *zone) clusterLookup(ctx context.Context, zc *zoneCluster, job *fetchJob
 		lockKey := zc.lockPrefix + recKey
 		wake, done := zc.cl.notify.subscribe(lockKey) // before asking: a release right after is not missed
 		args := append([]any{token, lease, time.Now().UnixMilli(), spec}, zc.gcraArgs(ctx, b, job.background, fleetBudget)...)
-		args = append(args, map[bool]string{true: "1", false: ""}[wantStale])
+		staleFlag := ""
+		if wantStale {
+			staleFlag = "1"
+		}
+		args = append(args, staleFlag)
 		var reply []string
 		err := zc.cl.call(ctx, func(ctx context.Context) error {
 			var err error
